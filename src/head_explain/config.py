@@ -1,0 +1,241 @@
+"""The one configuration schema: CLI flags, DVC stages and params.yaml all read it.
+
+Every field is flat and snake_case so that `dvc exp run -S topk=300` and
+`head-explain --topk 300` name the same thing. Each field carries its help text in
+`metadata["doc"]`; the CLI builds its flags and help from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from head_explain.errors import ConfigError
+
+
+def _f(default: Any, doc: str, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+SOURCES = ("pydocs", "wikitext", "stackexchange", "files")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LLM_BACKENDS = ("embedded", "openai")
+SIM_METHODS = ("auto", "echo", "chat")
+
+
+@dataclass
+class Config:
+    # --- subject model -------------------------------------------------------------
+    model: str = _f(
+        "gpt2",
+        "Subject model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, any HF causal-LM id or "
+        "local path, or smollm2-135m-instruct (bundled, offline).",
+    )
+    device: str = _f("auto", "Torch device: auto (cuda if available), cuda or cpu.", DEVICES)
+    dtype: str = _f(
+        "auto",
+        "Subject model dtype: auto (float32 on cpu, bfloat16 on cuda), float32, float16, bfloat16.",
+        DTYPES,
+    )
+    batch_size: int = _f(8, "Windows per forward pass of the subject model.")
+    seed: int = _f(0, "Seed for window sampling, random events, splits and baselines.")
+    # --- corpus ----------------------------------------------------------------------
+    sources: str = _f(
+        "wikitext",
+        "Comma-separated corpus sources: pydocs (embedded), wikitext, stackexchange, "
+        "files. Several sources are balanced by count.",
+    )
+    wikitext_dir: str = _f(
+        "",
+        "Local folder in the HF parquet layout (<config>/<split>-*.parquet or the split "
+        "files themselves); empty: the HF dataset through `datasets` and its cache.",
+    )
+    wikitext_config: str = _f("wikitext-103-raw-v1", "Salesforce/wikitext config name.")
+    wikitext_split: str = _f("train", "WikiText split: train, validation or test.")
+    stackexchange_dir: str = _f(
+        "",
+        "The `out` folder of EleutherAI/stackexchange-dataset (zip, txt or jsonl.zst).",
+    )
+    data_files: str = _f("", "Comma-separated local .txt / .jsonl / .parquet files.")
+    windows: int = _f(1500, "Number of token windows to sample from the corpus.")
+    window_len: int = _f(192, "Tokens per window, BOS included.")
+    # --- activations -----------------------------------------------------------------
+    heads: str = _f("", "Exactly these heads, e.g. L17H3,L18H6; empty: up to max_heads.")
+    max_heads: int = _f(
+        200, "Analyse all heads if there are at most this many, else a spread over layers."
+    )
+    candidates: int = _f(
+        500, "Top events the cache stage keeps per head; select's topk must not exceed it."
+    )
+    max_events_per_window: int = _f(3, "At most this many events per head from one window.")
+    top_sources: int = _f(3, "Source positions kept per event (by write norm).")
+    random_windows: int = _f(
+        60, "Windows whose every token is recorded for all heads (random scoring set)."
+    )
+    # --- selection -------------------------------------------------------------------
+    topk: int = _f(200, "Top-activating events per head considered by select.")
+    explain_examples: int = _f(20, "Events shown to the explainer per head.")
+    score_top_examples: int = _f(5, "Held-out top excerpts per head for scoring.")
+    score_random_examples: int = _f(5, "Random excerpts per head for scoring.")
+    excerpt_len: int = _f(
+        48, "Tokens per excerpt shown to the explainer and simulator (ends after the event)."
+    )
+    # --- LLM -------------------------------------------------------------------------
+    llm: str = _f(
+        "openai",
+        "LLM backend: openai (OpenAI or any compatible server) or embedded "
+        "(bundled SmolLM2 in-process, offline).",
+        LLM_BACKENDS,
+    )
+    openai_model: str = _f("gpt-4o-mini", "Explainer model on the openai backend.")
+    openai_base_url: str = _f(
+        "", "Base URL of an OpenAI-compatible server; empty: OPENAI_BASE_URL or OpenAI."
+    )
+    simulator_model: str = _f("", "Simulator model; empty: the explainer's model.")
+    simulation_method: str = _f(
+        "auto",
+        "auto (echo where the endpoint scores prompts, else chat), echo or chat.",
+        SIM_METHODS,
+    )
+    llm_concurrency: int = _f(4, "LLM requests in flight at once.")
+    llm_timeout_s: float = _f(60.0, "Timeout of one LLM request, seconds.")
+    llm_max_retries: int = _f(4, "Retries of one LLM request on 429/5xx/timeouts.")
+    llm_cache: str = _f(
+        "",
+        "SQLite file caching LLM responses; empty: ~/.cache/head-explain/llm_cache.sqlite;"
+        " off: no cache.",
+    )
+    explain_max_tokens: int = _f(60, "Token limit of one explanation.")
+    max_failed_fraction: float = _f(
+        0.5, "Explain/simulate exit non-zero when more than this fraction of heads fail."
+    )
+    # --- clustering, report, tracking ------------------------------------------------
+    embedding_model: str = _f(
+        "all-MiniLM-L6-v2", "sentence-transformers model used to embed explanations."
+    )
+    min_cluster_size: int = _f(5, "HDBSCAN min_cluster_size.")
+    mlflow_experiment: str = _f("head-explain", "MLflow experiment name.")
+    outdir: str = _f("outputs", "Folder that receives every artifact.")
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def doc(name: str) -> str:
+    return FIELDS[name].metadata["doc"]
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def build(overrides: dict[str, Any] | None = None, base: Config | None = None) -> Config:
+    """Merge `overrides` onto `base` (or the defaults), type-check and validate."""
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if key not in FIELDS:
+            raise ConfigError(
+                f"unknown key '{key}'{_did_you_mean(key)}; valid keys: {', '.join(FIELDS)}"
+            )
+    schema = OmegaConf.structured(base or Config())
+    for key, value in overrides.items():
+        try:
+            OmegaConf.update(schema, key, value, merge=False)
+        except OmegaConfBaseException as exc:
+            typ = FIELDS[key].type
+            raise ConfigError(
+                f"key '{key}': value {value!r} is not a valid {typ} ({str(exc).splitlines()[0]})"
+            ) from None
+    cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a flat params.yaml; keys outside the schema are errors."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"params file '{path}' is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file '{path}' must be a mapping of key: value")
+    data.update(overrides or {})
+    return build(data)
+
+
+def source_list(cfg: Config) -> list[str]:
+    return [s.strip() for s in cfg.sources.split(",") if s.strip()]
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no model or data. Model-dependent checks live beside the model."""
+    for name, fld in FIELDS.items():
+        choices = fld.metadata.get("choices")
+        value = getattr(cfg, name)
+        if choices and value not in choices:
+            raise ConfigError(f"key '{name}': {value!r} is not one of {', '.join(choices)}")
+    positive = (
+        "windows window_len batch_size max_heads candidates max_events_per_window "
+        "top_sources topk explain_examples excerpt_len llm_concurrency min_cluster_size"
+    ).split()
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"key '{name}': {getattr(cfg, name)} must be a positive integer")
+    for name in ("random_windows", "score_top_examples", "score_random_examples"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"key '{name}': {getattr(cfg, name)} must be >= 0")
+    if cfg.llm_timeout_s <= 0:
+        raise ConfigError(f"key 'llm_timeout_s': {cfg.llm_timeout_s} must be > 0")
+    if not 0 <= cfg.max_failed_fraction <= 1:
+        raise ConfigError(
+            f"key 'max_failed_fraction': {cfg.max_failed_fraction} must be between 0 and 1"
+        )
+    if cfg.window_len < 8:
+        raise ConfigError(f"key 'window_len': {cfg.window_len} must be at least 8 tokens")
+    if cfg.topk > cfg.candidates:
+        raise ConfigError(
+            f"key 'topk': {cfg.topk} exceeds candidates={cfg.candidates} kept by the cache "
+            "stage; raise 'candidates' (reruns cache) or lower 'topk'"
+        )
+    sources = source_list(cfg)
+    if not sources:
+        raise ConfigError(f"key 'sources': empty; valid: {', '.join(SOURCES)}")
+    for s in sources:
+        if s not in SOURCES:
+            raise ConfigError(f"key 'sources': unknown source '{s}'; valid: {', '.join(SOURCES)}")
+    if "stackexchange" in sources and not cfg.stackexchange_dir:
+        raise ConfigError(
+            "key 'stackexchange_dir': empty, but sources include stackexchange; give the "
+            "`out` folder of EleutherAI/stackexchange-dataset"
+        )
+    if "files" in sources and not cfg.data_files:
+        raise ConfigError("key 'data_files': empty, but sources include files")
+    from head_explain.heads import parse_heads  # local: heads imports nothing from here
+
+    parse_heads(cfg.heads)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config, keys: list[str]) -> str:
+    """Hash of the params one artifact depends on (recorded in its metadata)."""
+    sub = {k: getattr(cfg, k) for k in sorted(keys)}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]

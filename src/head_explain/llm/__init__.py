@@ -1,0 +1,126 @@
+"""LLM access for the explainer and the simulator; the only package that talks to LLMs.
+
+`make_backend(cfg, role)` gives an `LLMBackend` (embedded SmolLM2 in-process, or any
+OpenAI-compatible endpoint) with a response cache, retries and statistics;
+`check_ready(cfg)` fails fast, before any work, when the configured LLM cannot be used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from head_explain.errors import ConfigError, LLMError
+from head_explain.llm.base import ChatResult, LLMBackend, LLMStats, ScoreResult, TokenLogprob
+from head_explain.llm.cache import LLMCache, cache_key, open_cache
+
+if TYPE_CHECKING:
+    from head_explain.config import Config
+
+log = logging.getLogger(__name__)
+
+ROLES = ("explainer", "simulator")
+READY_TIMEOUT_S = 5.0
+
+__all__ = [
+    "ChatResult",
+    "LLMBackend",
+    "LLMCache",
+    "LLMStats",
+    "ScoreResult",
+    "TokenLogprob",
+    "cache_key",
+    "check_ready",
+    "make_backend",
+    "model_for",
+]
+
+
+def model_for(cfg: Config, role: str) -> str:
+    """The model name a role uses (what make_backend(cfg, role).model will be)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if cfg.llm == "embedded":
+        from head_explain.llm.embedded import MODEL_NAME
+
+        return MODEL_NAME
+    if role == "simulator" and cfg.simulator_model:
+        return cfg.simulator_model
+    return cfg.openai_model
+
+
+def make_backend(cfg: Config, role: str) -> LLMBackend:
+    """A backend for `role` ("explainer" or "simulator"); close it with `aclose()`."""
+    model = model_for(cfg, role)
+    if cfg.llm not in ("embedded", "openai"):
+        raise ConfigError(f"key 'llm': {cfg.llm!r} is not one of embedded, openai")
+    cache = open_cache(cfg.llm_cache)
+    if cfg.llm == "embedded":
+        from head_explain.llm.embedded import EmbeddedBackend
+
+        return EmbeddedBackend(cache=cache, concurrency=cfg.llm_concurrency)
+    from head_explain.llm.openai_backend import OpenAIBackend
+
+    try:
+        return OpenAIBackend(
+            model,
+            base_url=cfg.openai_base_url,
+            timeout_s=cfg.llm_timeout_s,
+            max_retries=cfg.llm_max_retries,
+            concurrency=cfg.llm_concurrency,
+            cache=cache,
+        )
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
+
+
+def check_ready(cfg: Config) -> None:
+    """Fail fast with one line when the configured LLM cannot be used.
+
+    embedded: the bundled weights must be installed. openai: OpenAI's own API needs
+    OPENAI_API_KEY; any endpoint must answer GET /models within a few seconds and must
+    not reject the key. The cache file must be usable in both cases.
+    """
+    cache = open_cache(cfg.llm_cache)
+    if cache is not None:
+        cache.close()
+    if cfg.llm == "embedded":
+        from head_explain.models import bundled_gguf
+
+        bundled_gguf()
+        return
+    if cfg.llm != "openai":
+        raise ConfigError(f"key 'llm': {cfg.llm!r} is not one of embedded, openai")
+    from head_explain.llm.openai_backend import (
+        api_key_for,
+        missing_key_message,
+        one_line,
+        redact,
+        resolve_base_url,
+    )
+
+    url, source = resolve_base_url(cfg.openai_base_url)
+    key = api_key_for(url)
+    if key is None:
+        raise LLMError(missing_key_message())
+    import httpx
+
+    timeout = min(READY_TIMEOUT_S, cfg.llm_timeout_s)
+    named = f"{source} '{url}'" if source != "default" else f"OpenAI's API '{url}'"
+    try:
+        resp = httpx.get(
+            f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout
+        )
+    except httpx.HTTPError as exc:
+        why = one_line(redact(f"{type(exc).__name__}: {exc}", key), 160)
+        raise LLMError(
+            f"{named} does not answer within {timeout:g}s ({why}); start the server, fix "
+            "the URL, or run offline with `--llm embedded`"
+        ) from None
+    if resp.status_code in (401, 403):
+        raise LLMError(
+            f"{named} rejected the API key (HTTP {resp.status_code}); check OPENAI_API_KEY"
+        )
+    log.info("LLM endpoint %s answers (HTTP %d)", url, resp.status_code)

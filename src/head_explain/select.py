@@ -1,0 +1,150 @@
+"""Event selection: per head, what the explainer sees and what scoring holds out.
+
+From a head's top candidates we take the `topk` strongest (already at most
+`max_events_per_window` per window). A seeded sample of their *windows* is held out as
+the top scoring set (one excerpt per window, its strongest event); the explainer sees
+`explain_examples` events from the remaining windows, spread evenly over the top-k
+ranking (the strongest always included), so a larger `topk` shows a broader picture of
+the head. Random scoring excerpts come from the random windows, never from a window
+used to explain. This is OpenAI's "top-and-random" scoring set with a delphi-style
+quantile spread for explanation.
+
+Each event carries its excerpt (token strings, destination index, source indices and
+the true per-token activations), so later stages need neither the model nor the
+tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class SelectSettings:
+    topk: int
+    explain_examples: int
+    score_top_examples: int
+    score_random_examples: int
+    excerpt_len: int
+    seed: int = 0
+    tail: int = 4  # tokens shown after the destination token
+
+
+def excerpt_bounds(pos: int, n_tokens: int, excerpt_len: int, tail: int) -> tuple[int, int]:
+    """[start, end) of an excerpt of `excerpt_len` tokens ending `tail` tokens after pos.
+
+    BOS (index 0) is never shown.
+    """
+    end = min(n_tokens, pos + 1 + tail)
+    start = max(1, end - excerpt_len)
+    end = min(n_tokens, max(end, start + excerpt_len))
+    return start, end
+
+
+def spread(n_items: int, n_pick: int) -> list[int]:
+    """Evenly spaced indices over a ranked list, always including the first."""
+    if n_pick >= n_items:
+        return list(range(n_items))
+    return sorted(set(np.linspace(0, n_items - 1, n_pick).round().astype(int).tolist()))
+
+
+def select_head_events(
+    top: pd.DataFrame, random: pd.DataFrame, s: SelectSettings, rng: np.random.Generator
+) -> pd.DataFrame:
+    """Split one head's events; `top` sorted by act desc, `random` its random events."""
+    pool = top.head(s.topk)
+    windows = list(dict.fromkeys(pool["window_id"].tolist()))  # ranked, unique
+    # Keep at least half of the windows (and >= 1) for explanation.
+    n_score = min(s.score_top_examples, len(windows) // 2)
+    score_windows = (
+        set(rng.choice(windows, size=n_score, replace=False).tolist()) if n_score else set()
+    )
+    explain_pool = pool[~pool["window_id"].isin(score_windows)]
+    explain = explain_pool.iloc[spread(len(explain_pool), s.explain_examples)]
+    score_top = pool[pool["window_id"].isin(score_windows)].drop_duplicates("window_id")
+    used = set(explain["window_id"]) | score_windows
+    rand = random[~random["window_id"].isin(used)]
+    if len(rand) > s.score_random_examples:
+        rand = rand.iloc[np.sort(rng.choice(len(rand), s.score_random_examples, replace=False))]
+    parts = []
+    for split, df in (("explain", explain), ("score_top", score_top), ("score_random", rand)):
+        df = df.sort_values("act", ascending=False).copy()
+        df["split"] = split
+        df["rank"] = np.arange(len(df), dtype=np.int32)
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True)
+
+
+def attach_excerpts(
+    events: pd.DataFrame,
+    windows: pd.DataFrame,
+    acts: pd.DataFrame,
+    token_text,
+    s: SelectSettings,
+) -> pd.DataFrame:
+    """Add excerpt_tokens/_dest/_src/_acts/_start/_end and act_norm to each event.
+
+    `token_text(id) -> str` renders one token; `acts` holds (layer, head, window_id,
+    acts) rows for every window an event lies in.
+    """
+    tokens_by_window = dict(zip(windows["window_id"], windows["tokens"], strict=True))
+    acts_by_key = {(r.layer, r.head, r.window_id): r.acts for r in acts.itertuples(index=False)}
+    cache: dict[int, str] = {}
+
+    def text_of(tid: int) -> str:
+        if tid not in cache:
+            cache[tid] = token_text(int(tid))
+        return cache[tid]
+
+    rows = []
+    for ev in events.itertuples(index=False):
+        toks = tokens_by_window[ev.window_id]
+        start, end = excerpt_bounds(int(ev.pos), len(toks), s.excerpt_len, s.tail)
+        true = np.asarray(acts_by_key[(ev.layer, ev.head, ev.window_id)], dtype=np.float32)
+        rows.append(
+            dict(
+                excerpt_start=start,
+                excerpt_end=end,
+                excerpt_tokens=[text_of(t) for t in toks[start:end]],
+                excerpt_dest=int(ev.pos) - start,
+                excerpt_src=[int(p) - start for p in ev.src_pos if start <= p < end],
+                excerpt_acts=true[start:end],
+            )
+        )
+    out = pd.concat([events.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+    return out
+
+
+def normalise(events: pd.DataFrame, head_max: dict[tuple[int, int], float]) -> pd.DataFrame:
+    """act_norm: 0-10 relative to the head's largest activation (OpenAI's scale)."""
+    scale = np.array([head_max[(r.layer, r.head)] for r in events.itertuples(index=False)])
+    events["act_norm"] = np.where(
+        scale > 0, 10.0 * events["act"] / np.where(scale > 0, scale, 1), 0.0
+    )
+    return events
+
+
+def select_events(
+    raw: pd.DataFrame,
+    windows: pd.DataFrame,
+    acts: pd.DataFrame,
+    token_text,
+    s: SelectSettings,
+) -> pd.DataFrame:
+    """All heads: split, attach excerpts, normalise. Deterministic for `s.seed`."""
+    parts = []
+    head_max: dict[tuple[int, int], float] = {}
+    for (layer, head), grp in raw.groupby(["layer", "head"], sort=True):
+        top = grp[grp["kind"] == "top"].sort_values("act", ascending=False, kind="stable")
+        rand = grp[grp["kind"] == "random"].sort_values("window_id", kind="stable")
+        rng = np.random.default_rng([s.seed, int(layer), int(head)])
+        parts.append(select_head_events(top, rand, s, rng))
+        head_max[(int(layer), int(head))] = float(grp["act"].max())
+    events = pd.concat(parts, ignore_index=True)
+    events = attach_excerpts(events, windows, acts, token_text, s)
+    events = normalise(events, head_max)
+    cols = [c for c in events.columns if c != "kind"]
+    return events[cols]

@@ -1,0 +1,244 @@
+"""Simulation scoring: how well does an explanation predict the head's activations?
+
+The simulator reads an explanation and predicts every token's activation. Two methods:
+
+- echo (Bills et al. 2023, "all at once"): one prompt with the excerpt one token per
+  line, each followed by a value slot; the log-probs of the digits at every slot are
+  read in a single scoring pass and their expected value is the prediction. Digits 0-9
+  are used because they are single tokens in every tokenizer (so one pass is exact);
+  the correlation score does not depend on the scale.
+- chat: for chat-only endpoints; the model replies with a JSON array of values, and
+  where top log-probs come back, each value is their expected value.
+
+Score = Pearson correlation between simulated and true activations over all tokens of
+all scoring excerpts pooled (OpenAI's ev_correlation_score); also on top-only and
+random-only excerpts. The baseline scores each head with another head's explanation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from head_explain.explain import show_token
+from head_explain.heads import head_name
+from head_explain.prompts import PromptTemplate
+
+ECHO_PROMPT = "simulate_echo_v1"
+CHAT_PROMPT = "simulate_chat_v1"
+ECHO_VALUES = [str(i) for i in range(10)]
+PLACEHOLDER = "unknown"
+
+
+@dataclass
+class Excerpt:
+    split: str  # score_top | score_random
+    tokens: list[str]
+    true: np.ndarray
+
+
+def build_echo_prompt(
+    template: PromptTemplate, explanation: str, tokens: list[str]
+) -> tuple[str, list[int]]:
+    """The all-at-once prompt and the character offset of every value slot."""
+    head = template.render(explanation=explanation, lines="\x00")
+    before, after = head.split("\x00")
+    parts, slots, offset = [before], [], len(before)
+    for tok in tokens:
+        line = f"{show_token(tok)}\t"
+        offset += len(line)
+        slots.append(offset)
+        parts.append(line + PLACEHOLDER + "\n")
+        offset += len(PLACEHOLDER) + 1
+    text = "".join(parts)
+    text = text[:-1] + after  # the template already ends the last line
+    return text, slots
+
+
+def expected_values(slots: list[dict[str, float] | None], values: list[str]) -> np.ndarray:
+    """Expected value per slot over the candidates present (renormalised); NaN if none."""
+    out = np.full(len(slots), np.nan)
+    for i, dist in enumerate(slots):
+        if not dist:
+            continue
+        keys = [v for v in values if v in dist]
+        if not keys:
+            continue
+        lp = np.array([dist[k] for k in keys])
+        p = np.exp(lp - lp.max())
+        out[i] = float((p * np.array([float(k) for k in keys])).sum() / p.sum())
+    return out
+
+
+def build_chat_messages(
+    template: PromptTemplate, explanation: str, tokens: list[str]
+) -> list[dict[str, str]]:
+    numbered = "\n".join(f"{i}. {show_token(t)!r}" for i, t in enumerate(tokens, 1))
+    return template.messages(explanation=explanation, numbered=numbered, n=len(tokens))
+
+
+def parse_chat_values(text: str, n: int) -> np.ndarray:
+    """The first JSON array of `n` numbers in 0-10 in the reply; ValueError otherwise."""
+    match = re.search(r"\[[^\[\]]*\]", text, flags=re.S)
+    if not match:
+        raise ValueError("reply has no JSON array")
+    try:
+        values = json.loads(match.group(0))
+    except json.JSONDecodeError:
+        raise ValueError("reply's array is not valid JSON") from None
+    if len(values) != n:
+        raise ValueError(f"reply has {len(values)} values for {n} tokens")
+    arr = np.array([float(v) if isinstance(v, int | float) else np.nan for v in values])
+    if np.isnan(arr).any() or (arr < 0).any() or (arr > 10).any():
+        raise ValueError("reply has values that are not numbers in 0-10")
+    return arr
+
+
+def chat_expected_values(logprobs, n: int) -> np.ndarray | None:
+    """Expected values from the top log-probs of the generated number tokens, if they line up."""
+    if not logprobs:
+        return None
+    number_tokens = [lp for lp in logprobs if lp.token.strip().isdigit()]
+    if len(number_tokens) != n:
+        return None
+    values = [str(i) for i in range(11)]
+    out = expected_values(
+        [{k.strip(): v for k, v in lp.top.items()} for lp in number_tokens], values
+    )
+    return None if np.isnan(out).any() else out
+
+
+def correlation(pred: np.ndarray, true: np.ndarray) -> float:
+    """Pearson r; NaN when either side is constant or fewer than 2 finite pairs remain."""
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    ok = np.isfinite(pred) & np.isfinite(true)
+    if ok.sum() < 2:
+        return math.nan
+    p, t = pred[ok], true[ok]
+    if np.std(p) == 0 or np.std(t) == 0:
+        return math.nan
+    return float(np.corrcoef(p, t)[0, 1])
+
+
+async def simulate_excerpt(
+    backend, method: str, template: PromptTemplate, explanation: str, tokens: list[str]
+) -> np.ndarray:
+    """Predicted activation per token (NaN where a slot could not be read)."""
+    if method == "echo":
+        prompt, slots = build_echo_prompt(template, explanation, tokens)
+        res = await backend.score_prompt(prompt, slots, ECHO_VALUES)
+        return expected_values(res.slots, ECHO_VALUES)
+    res = await backend.chat(
+        build_chat_messages(template, explanation, tokens),
+        max_tokens=4 * len(tokens) + 16,
+        top_logprobs=5,
+    )
+    ev = chat_expected_values(res.logprobs, len(tokens))
+    return ev if ev is not None else parse_chat_values(res.text, len(tokens))
+
+
+async def simulate_set(
+    backend, method, template, explanation, excerpts: list[Excerpt]
+) -> tuple[list[np.ndarray | None], list[str]]:
+    """Simulate every excerpt; a failed excerpt is None plus a reason, not a crash."""
+
+    async def one(ex: Excerpt):
+        try:
+            return await simulate_excerpt(backend, method, template, explanation, ex.tokens), None
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:300]
+
+    results = await asyncio.gather(*(one(ex) for ex in excerpts))
+    return [r[0] for r in results], [r[1] for r in results if r[1]]
+
+
+def pooled_scores(excerpts: list[Excerpt], preds: list[np.ndarray | None]) -> dict[str, float]:
+    out = {}
+    for key, splits in (
+        ("score", None),
+        ("score_top", "score_top"),
+        ("score_random", "score_random"),
+    ):
+        p, t = [], []
+        for ex, pr in zip(excerpts, preds, strict=True):
+            if pr is None or (splits and ex.split != splits):
+                continue
+            p.append(pr)
+            t.append(ex.true)
+        out[key] = correlation(np.concatenate(p), np.concatenate(t)) if p else math.nan
+    return out
+
+
+def head_excerpts(events: pd.DataFrame) -> list[Excerpt]:
+    sc = events[events["split"].isin(["score_top", "score_random"])].sort_values(["split", "rank"])
+    return [
+        Excerpt(r.split, list(r.excerpt_tokens), np.asarray(r.excerpt_acts, dtype=float))
+        for r in sc.itertuples(index=False)
+    ]
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A seeded permutation with no fixed point (for n >= 2): the baseline assignment."""
+    if n < 2:
+        return np.arange(n)
+    while True:
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return perm
+
+
+async def score_head(
+    backend, method: str, template: PromptTemplate, layer: int, head: int, explanation: str,
+    baseline_explanation: str, baseline_from: str, events: pd.DataFrame,
+) -> dict[str, Any]:  # fmt: skip
+    """One scores.parquet row: real score, split scores and the baseline score."""
+    excerpts = head_excerpts(events)
+    row: dict[str, Any] = dict(
+        layer=layer, head=head, score=math.nan, score_top=math.nan, score_random=math.nan,
+        baseline_score=math.nan, baseline_from=baseline_from, method=method,
+        simulator_model=backend.model, n_tokens=int(sum(len(e.tokens) for e in excerpts)),
+        n_failed=0, error=None,
+    )  # fmt: skip
+    if not explanation:
+        row["error"] = "no explanation to score"
+        return row
+    if not excerpts:
+        row["error"] = "no scoring excerpts"
+        return row
+    (preds, errs), (base_preds, base_errs) = await asyncio.gather(
+        simulate_set(backend, method, template, explanation, excerpts),
+        simulate_set(backend, method, template, baseline_explanation or explanation, excerpts),
+    )
+    row.update(pooled_scores(excerpts, preds))
+    row["baseline_score"] = pooled_scores(excerpts, base_preds)["score"]
+    failed_slots = sum(int(np.isnan(p).sum()) for p in preds if p is not None)
+    row["n_failed"] = sum(p is None for p in preds) + (1 if failed_slots else 0)
+    if errs:
+        row["error"] = f"{len(errs)}/{len(excerpts)} excerpts failed; first: {errs[0]}"
+    elif failed_slots:
+        row["error"] = f"{failed_slots} of {row['n_tokens']} token slots unreadable"
+    if math.isnan(row["score"]) and not row["error"]:
+        row["error"] = "simulation or activations constant: correlation undefined"
+    del base_errs
+    return row
+
+
+def baseline_assignment(
+    heads: list[tuple[int, int]], seed: int
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """Each head -> the head whose explanation it is scored with as the baseline."""
+    perm = derangement(len(heads), np.random.default_rng([seed, 99]))
+    return {heads[i]: heads[int(j)] for i, j in enumerate(perm)}
+
+
+__all__ = [
+    "baseline_assignment", "build_echo_prompt", "correlation", "derangement", "expected_values",
+    "head_name", "parse_chat_values", "score_head",
+]  # fmt: skip

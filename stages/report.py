@@ -1,0 +1,6 @@
+"""DVC stage 'report': params.yaml -> head_explain.pipeline.run_report (see dvc.yaml)."""
+
+from head_explain.cli import stage_main
+
+if __name__ == "__main__":
+    stage_main("report")

@@ -1,0 +1,6 @@
+"""DVC stage 'sample': params.yaml -> head_explain.pipeline.run_sample (see dvc.yaml)."""
+
+from head_explain.cli import stage_main
+
+if __name__ == "__main__":
+    stage_main("sample")

@@ -1,0 +1,92 @@
+"""The embedded backend with the real bundled SmolLM2 (CPU, offline)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from head_explain.llm.cache import LLMCache
+from head_explain.llm.embedded import MODEL_NAME, EmbeddedBackend
+
+pytestmark = pytest.mark.slow
+
+DIGITS = [str(i) for i in range(11)]
+COUNT = "1 2 3 4 5 6 7 8"
+SPACES = [i + 1 for i, c in enumerate(COUNT) if c == " "]
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory):
+    b = EmbeddedBackend(cache=LLMCache(tmp_path_factory.mktemp("llm") / "cache.sqlite"))
+    yield b
+    asyncio.run(b.aclose())
+
+
+def test_chat_returns_text_counts_and_logprobs(emb):
+    msgs = [{"role": "user", "content": "What is the capital of France? One word."}]
+    res = asyncio.run(emb.chat(msgs, max_tokens=8, top_logprobs=3))
+    assert emb.model == MODEL_NAME and emb.kind == "embedded"
+    assert res.text.strip() and not res.cached and res.cost_usd == 0.0
+    assert res.prompt_tokens > 10 and 0 < res.completion_tokens <= 8
+    assert len(res.logprobs) == res.completion_tokens
+    first = res.logprobs[0]
+    assert len(first.top) <= 3 and first.token in first.top  # greedy: the top-1 token
+    assert first.logprob == pytest.approx(max(first.top.values()), abs=1e-4)
+
+
+def test_score_prompt_counts(emb):
+    res = asyncio.run(emb.score_prompt(COUNT, SPACES, DIGITS))
+    assert emb.supports_echo() and len(res.slots) == len(SPACES)
+    assert res.prompt_tokens == 15
+    for slot in res.slots:
+        assert "10" not in slot  # two tokens in this vocabulary: omitted
+        assert set(slot) == set(DIGITS) - {"10"}
+        assert sum(math.exp(v) for v in slot.values()) <= 1 + 1e-5
+    for off, slot in list(zip(SPACES, res.slots, strict=True))[3:]:
+        best = max(slot, key=slot.get)
+        assert best == COUNT[off] and math.exp(slot[best]) > 0.5
+
+
+def test_slot_at_start_and_end(emb):
+    res = asyncio.run(emb.score_prompt("9 8 7 6 5 ", [0, 10], DIGITS))
+    assert res.slots[0] is None  # nothing precedes offset 0
+    assert max(res.slots[1], key=res.slots[1].get) == "4"
+
+
+def test_concurrent_scoring_batches_equal_single(emb):
+    prompts = ["2 4 6 8 10 12", "a b c d e", "Score: 7/10. Next score: 3"]
+    offsets = [[2, 6], [8], [7, len(prompts[2]) - 1]]
+    emb._cache, cache = None, emb._cache  # measure the model, not the cache
+    try:
+        single = [
+            asyncio.run(emb.score_prompt(p, o, DIGITS))
+            for p, o in zip(prompts, offsets, strict=True)
+        ]
+
+        async def together():
+            return await asyncio.gather(
+                *(emb.score_prompt(p, o, DIGITS) for p, o in zip(prompts, offsets, strict=True))
+            )
+
+        batched = asyncio.run(together())
+    finally:
+        emb._cache = cache
+    for a, b in zip(single, batched, strict=True):
+        for sa, sb in zip(a.slots, b.slots, strict=True):
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                assert sa[k] == pytest.approx(sb[k], abs=1e-3)
+
+
+def test_cache_hit_makes_no_request(emb):
+    msgs = [{"role": "user", "content": "Say yes."}]
+    before = emb.stats.requests
+    a = asyncio.run(emb.chat(msgs, max_tokens=4))
+    b = asyncio.run(emb.chat(msgs, max_tokens=4))
+    s1 = asyncio.run(emb.score_prompt("1 2 3", [2], DIGITS))
+    s2 = asyncio.run(emb.score_prompt("1 2 3", [2], DIGITS))
+    assert (a.cached, b.cached, s1.cached, s2.cached) == (False, True, False, True)
+    assert b.text == a.text and s2.slots == s1.slots
+    assert emb.stats.requests == before + 2 and emb.stats.cache_hits >= 2

@@ -1,0 +1,242 @@
+"""report.md / summary.csv / metrics.json / plots from small synthetic artifacts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from head_explain import config
+from head_explain.artifacts import write_json, write_jsonl, write_parquet
+from head_explain.report import md_escape, render_excerpt, run_report
+
+NASTY = "| <script>alert(1)</script> ** [x](y) `code` _u_ # h\nsecond line"
+META = {"model": "gpt2", "config_hash": "0"}
+
+
+def write_artifacts(outdir: Path, clusters: bool = True) -> None:
+    """3 layers x 2 heads: one nasty explanation, one failed head, one unscored head."""
+    ex, sc, hs, ev = [], [], [], []
+    for layer in range(3):
+        for head in range(2):
+            i = layer * 2 + head
+            failed = (layer, head) == (2, 1)
+            text = NASTY if (layer, head) == (0, 0) else f"explanation {i} about commas"
+            ex.append(
+                {
+                    "layer": layer, "head": head, "explanation": "" if failed else text,
+                    "explainer_model": "gpt-4o-mini", "prompt_version": "v1",
+                    "prompt_sha": "abc123", "prompt_tokens": 100, "completion_tokens": 10,
+                    "latency_s": 0.5, "cost_usd": 0.001, "raw": text,
+                    "error": "HTTP 500 | <b>bad</b>\nretry" if failed else None,
+                }
+            )  # fmt: skip
+            score = np.nan if failed or (layer, head) == (1, 1) else 0.1 * i
+            sc.append(
+                {
+                    "layer": layer, "head": head, "score": score, "score_top": score,
+                    "score_random": np.nan, "baseline_score": 0.01 * i,
+                    "baseline_from": "L0H1", "method": "chat", "simulator_model": "sim-m",
+                    "n_tokens": 100, "n_failed": 0,
+                    "error": "parse failed" if (layer, head) == (1, 1) else None,
+                }
+            )  # fmt: skip
+            hs.append(
+                {
+                    "layer": layer, "head": head, "mean_act": 1.0, "max_act": 3.0,
+                    "bos_frac": 0.2, "mean_attn_dist": 4.0, "prev_token": 0.1,
+                    "duplicate_token": 0.0, "induction": 0.0, "n_events": 50,
+                }
+            )  # fmt: skip
+            for rank in range(4):
+                ev.append(
+                    {
+                        "layer": layer, "head": head, "window_id": rank, "pos": 5,
+                        "act": 2.0 - rank, "split": "explain", "rank": rank,
+                        "src_pos": [1, 3, 0], "src_attn": [0.5, 0.3, 0.1],
+                        "src_write": [1.0, 0.5, 0.2],
+                        "excerpt_tokens": ["def", " <i>", " f", "(", "|x*", "):\n", " ret"],
+                        "excerpt_dest": 5, "excerpt_src": [1, 3], "act_norm": 10.0 - rank,
+                    }
+                )  # fmt: skip
+    write_jsonl(outdir / "explanations.jsonl", ex)
+    write_parquet(outdir / "scores.parquet", pd.DataFrame(sc), {"stage": "simulate", **META})
+    write_parquet(outdir / "head_stats.parquet", pd.DataFrame(hs), {"stage": "cache", **META})
+    write_parquet(outdir / "events.parquet", pd.DataFrame(ev), {"stage": "select", **META})
+    llm = {
+        "requests": 6, "cache_hits": 2, "retries": 1, "failures": 1,
+        "prompt_tokens": 600, "completion_tokens": 60, "cost_usd": 0.006,
+    }  # fmt: skip
+    for stage, secs in {"sample": 1.0, "cache": 2.0, "select": 0.5, "cluster": 0.3}.items():
+        write_json(outdir / "metrics" / f"{stage}.json", {"stage": stage, "seconds": secs})
+    for stage in ("explain", "simulate"):
+        write_json(
+            outdir / "metrics" / f"{stage}.json",
+            {"stage": stage, "seconds": 3.0, "llm": llm, "model": "gpt-4o-mini"},
+        )
+    if clusters:
+        write_json(
+            outdir / "clusters.json",
+            {
+                "params": {"embedding_model": "m", "min_cluster_size": 2, "n_heads": 6,
+                           "n_embedded": 5},
+                "clusters": [
+                    {"id": 0, "label": "commas, <img src=x>, *star*", "size": 2,
+                     "mean_score": 0.25, "representative": "L1H0", "members": ["L1H0", "L0H1"]},
+                    {"id": 1, "label": "other", "size": 2, "mean_score": None,
+                     "representative": "L1H1", "members": ["L1H1", "L2H0"]},
+                ],
+                "noise": ["L0H0"],
+                "failed": ["L2H1"],
+                "note": "HDBSCAN over 5 explained heads",
+            },
+        )  # fmt: skip
+
+
+@pytest.fixture
+def report(tmp_path):
+    write_artifacts(tmp_path)
+    cfg = config.build({"outdir": str(tmp_path)})
+    metrics = run_report(cfg, wall_times={"report": 0.2})
+    return tmp_path, metrics, (tmp_path / "report.md").read_text()
+
+
+def _unescaped_pipes(line: str) -> int:
+    return len(re.findall(r"(?<!\\)\|", line))
+
+
+def test_md_escape_is_inert():
+    s = md_escape(NASTY)
+    assert "\n" not in s and "<" not in s and ">" not in s
+    assert "\\|" in s and "\\[x\\](y)" in s and "\\*\\*" in s and "\\`code\\`" in s
+    assert md_escape("- item").startswith("\\-") and md_escape("1. x").startswith("1\\.")
+    assert md_escape("a&b") == "a&amp;b"
+    assert md_escape(None) == "" and md_escape("x" * 50, max_len=10).endswith("…")
+
+
+def test_excerpt_marks_dest_and_sources():
+    out = render_excerpt(["def", " <i>", " f", "(", "|x*", "):\n", " ret"], 5, [1, 3])
+    assert out == "def \\[\\[&lt;i&gt;\\]\\] f\\[\\[(\\]\\]\\|x\\*<b>):↵</b> ret"
+    assert render_excerpt(["a", " ", "b"], 1, []) == "a<b>␣</b>b"
+
+
+def test_report_renders_safely(report):
+    outdir, _, md = report
+    assert "<script" not in md and "<img" not in md and "<i>" not in md
+    assert "[x](y)" not in md
+    # every table row keeps its column count whatever the cell text holds
+    for block in re.findall(r"((?:^\|.*\n)+)", md, flags=re.M):
+        counts = {_unescaped_pipes(line) for line in block.splitlines()}
+        assert len(counts) == 1, block
+    # the only raw HTML is the markup the report itself adds
+    assert set(re.findall(r"</?([a-zA-Z]+)", md)) <= {"b"}
+    for line in md.splitlines():
+        assert not line.startswith("second line")
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(md)
+    assert "<script" not in html and "<a " not in html and "<em>" not in html
+    assert "<code>" not in html and "<del>" not in html
+    assert re.findall(r'<img src="([^"]+)"', html) == [
+        "plots/score_hist.png",
+        "plots/score_map.png",
+    ]
+    assert "&lt;script&gt;" in html and "[x](y)" in html  # shown literally
+    # settings, llm usage, wall times, distribution, layers, failed heads
+    assert html.count("<table>") == md.count("\n|---|") == 6
+
+
+def test_report_contents(report):
+    outdir, metrics, md = report
+    assert "| model | gpt2 |" in md and "| explainer | gpt-4o-mini |" in md
+    assert "| simulator | sim-m |" in md and "| method | chat (6) |" in md
+    assert "| report | 0.2 |" in md and "| explain | 3.0 |" in md
+    assert "n/a" in md  # NaN score of L1H1 and score_random
+    assert "#### L1H1" not in md  # unscored heads are neither best nor worst
+    assert "### Cluster 0: commas, &lt;img src=x&gt;, \\*star\\*" in md
+    assert "mean score n/a" in md  # cluster 1 has no finite scores
+    assert "<b>):↵</b>" in md and "act 10.0" in md and "(+1 source(s) before the excerpt)" in md
+    failed = md[md.index("## Failed heads") :]
+    assert "L2H1" in failed and "HTTP 500" in failed and "L1H1" in failed
+    assert "parse failed" in failed
+    assert "![score histogram" in md and "](plots/score_map.png)" in md
+    for name in ("score_map.png", "score_hist.png"):
+        data = (outdir / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_summary_and_metrics(report):
+    outdir, metrics, _ = report
+    rows = list(csv.DictReader((outdir / "summary.csv").open()))
+    assert len(rows) == 6
+    assert [r["head"] for r in rows] == ["L0H0", "L0H1", "L1H0", "L1H1", "L2H0", "L2H1"]
+    first = rows[0]
+    assert first["explanation"] == NASTY  # CSV keeps the raw text, quoted
+    for col in ("layer", "head_index", "score_top", "baseline_score", "cluster", "induction"):
+        assert col in first
+    assert {r["head"]: r["cluster"] for r in rows}["L0H1"] == "0"
+    assert first["cluster"] == "-1"
+    assert rows[5]["error"].startswith("explain: HTTP 500")
+    assert rows[3]["error"] == "simulate: parse failed"
+    assert rows[2]["error"] == ""
+
+    text = (outdir / "metrics.json").read_text()
+    assert "NaN" not in text
+    m = json.loads(text)
+    assert m == metrics
+    assert m["n_heads"] == 6 and m["n_scored"] == 4 and m["n_clusters"] == 2
+    assert math.isclose(m["mean_score"], np.mean([0.0, 0.1, 0.2, 0.4]))
+    assert math.isclose(m["frac_above_0_5"], 0.0)
+    assert math.isclose(m["noise_fraction"], 1 / 5)
+    assert m["prompt_tokens"] == 1200 and m["llm_requests"] == 12 and m["llm_cache_hits"] == 4
+    assert math.isclose(m["cost_usd"], 0.012)
+    plot_rows = list(csv.DictReader((outdir / "plots" / "scores.csv").open()))
+    assert list(plot_rows[0]) == ["head", "layer", "score", "baseline_score"]
+    assert len(plot_rows) == 6
+
+
+def test_no_clusters_no_scores(tmp_path):
+    """Everything failed and the cluster stage never ran: still a report, nulls, no NaN."""
+    write_artifacts(tmp_path, clusters=False)
+    from head_explain.artifacts import read_parquet
+
+    sc, meta = read_parquet(tmp_path / "scores.parquet")
+    sc["score"] = np.nan
+    sc["baseline_score"] = np.nan
+    write_parquet(tmp_path / "scores.parquet", sc, meta)
+    (tmp_path / "events.parquet").unlink()
+    cfg = config.build({"outdir": str(tmp_path)})
+    m = run_report(cfg)
+    md = (tmp_path / "report.md").read_text()
+    assert m["mean_score"] is None and m["n_scored"] == 0 and m["n_clusters"] is None
+    assert "NaN" not in (tmp_path / "metrics.json").read_text()
+    assert "run the `cluster` stage" in md and "No head has a finite score." in md
+    assert (tmp_path / "plots" / "score_hist.png").exists()
+
+
+def test_empty_cluster_list(tmp_path):
+    write_artifacts(tmp_path)
+    data = json.loads((tmp_path / "clusters.json").read_text())
+    data.update(clusters=[], noise=["L0H0", "L0H1"], note="2 head(s), fewer than 5")
+    write_json(tmp_path / "clusters.json", data)
+    m = run_report(config.build({"outdir": str(tmp_path)}))
+    md = (tmp_path / "report.md").read_text()
+    assert m["n_clusters"] == 0
+    assert "No clusters were found." in md and "Noise (2): L0H0, L0H1" in md
+
+
+def test_duplicate_head_rows_keep_the_latest(tmp_path):
+    """A resumed explain stage may append a retry for a head: one summary row, the last."""
+    write_artifacts(tmp_path)
+    path = tmp_path / "explanations.jsonl"
+    retry = {"layer": 0, "head": 1, "explanation": "retried text", "error": None}
+    path.write_text(path.read_text() + json.dumps(retry) + "\n")
+    run_report(config.build({"outdir": str(tmp_path)}))
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert len(rows) == 6
+    assert [r["explanation"] for r in rows if r["head"] == "L0H1"] == ["retried text"]
