@@ -43,3 +43,22 @@ def smol_bridge():
 
     bridge, tok = load_bridge("smollm2-135m-instruct", "cpu", "float32")
     return bridge
+
+
+TINY_ARGS = [
+    "--model", "smollm2-135m-instruct", "--sources", "pydocs", "--windows", "40",
+    "--window-len", "32", "--heads", "L17H5,L8H7", "--topk", "8", "--candidates", "16",
+    "--random-windows", "6", "--explain-examples", "3", "--score-top-examples", "1",
+    "--score-random-examples", "1", "--excerpt-len", "8", "--max-events-per-window", "2",
+    "--min-cluster-size", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> Path:
+    """sample -> cache -> select on the bundled model with tiny params, made once."""
+    from head_explain.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "outputs"
+    assert main([*TINY_ARGS, "--outdir", str(out), "--until", "select"]) == 0
+    return out

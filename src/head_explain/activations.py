@@ -278,6 +278,9 @@ class HeadActivationCache:
         bs = self.settings.batch_size
         n_batches = (len(tokens) + bs - 1) // bs
         hooks = self._hooks()
+        # No need to run layers after the last analysed one (nor the unembedding).
+        last = max(self.by_layer) + 1
+        stop = {"stop_at_layer": last} if last < self.bridge.cfg.n_layers else {}
         with torch.inference_mode():
             for i in tqdm(
                 range(n_batches), desc="cache: windows", unit="batch", disable=not progress
@@ -286,7 +289,7 @@ class HeadActivationCache:
                 wid = torch.as_tensor(window_ids[i * bs : (i + 1) * bs], device=self.device)
                 dup, ind = token_masks(tok)
                 self._batch = (tok, wid, dup, ind)
-                self.bridge.run_with_hooks(tok, fwd_hooks=hooks, return_type=None)
+                self.bridge.run_with_hooks(tok, fwd_hooks=hooks, return_type=None, **stop)
                 if self._tmp:
                     raise RuntimeError(f"hooks left unprocessed tensors: {list(self._tmp)}")
         result = self._collect()

@@ -109,8 +109,13 @@ async def explain_head(
     prefill = backend.kind == "embedded"
     if prefill:
         messages.append({"role": "assistant", "content": PREFILL})
+
+    def usable(res) -> None:  # an unusable reply is retried and never cached
+        if not parse_explanation(f"{PREFILL} {res.text.lstrip()}" if prefill else res.text):
+            raise ValueError(f"empty or unusable explanation (reply {res.text[:80]!r})")
+
     try:
-        res = await backend.chat(messages, max_tokens=max_tokens)
+        res = await backend.chat(messages, max_tokens=max_tokens, validate=usable)
     except Exception as exc:  # recorded, never a crashed stage
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         return row

@@ -123,6 +123,25 @@ def context_length(name: str) -> int:
     return 2048
 
 
+def head_shape(name: str) -> tuple[int, int] | None:
+    """(layers, heads per layer) from the model's config (no weights); None if unnamed."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_source(name))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _offline_error(name, exc) from None
+    layers = next(
+        (getattr(cfg, k) for k in ("num_hidden_layers", "n_layer") if getattr(cfg, k, None)), None
+    )
+    heads = next(
+        (getattr(cfg, k) for k in ("num_attention_heads", "n_head") if getattr(cfg, k, None)), None
+    )
+    return (int(layers), int(heads)) if layers and heads else None
+
+
 def resolve_device(device: str) -> str:
     import torch
 

@@ -94,6 +94,24 @@ def preflight(cfg: Config, stages: list[str]) -> None:
     from head_explain import models
 
     _check_writable(cfg.outdir)
+    # Cheapest first: the corpus paths need no torch import, the model checks do.
+    if "sample" in stages:
+        for src in source_list(cfg):
+            if src == "stackexchange" and not Path(cfg.stackexchange_dir).is_dir():
+                raise ConfigError(
+                    f"key 'stackexchange_dir': '{cfg.stackexchange_dir}' is not a folder; "
+                    "give the `out` folder of EleutherAI/stackexchange-dataset"
+                )
+            if src == "stackexchange":  # an empty folder fails here, not mid-stage
+                from head_explain.data.stackexchange import find_files
+
+                find_files(Path(cfg.stackexchange_dir))
+            if src == "files":  # extensions and existence, before any model load
+                from head_explain.data.files import file_list
+
+                file_list(cfg)
+            if src == "wikitext" and cfg.wikitext_dir and not Path(cfg.wikitext_dir).is_dir():
+                raise ConfigError(f"key 'wikitext_dir': '{cfg.wikitext_dir}' is not a folder")
     if "sample" in stages or "cache" in stages:
         models.resolve_device(cfg.device)
         models.resolve_dtype(cfg.dtype, models.resolve_device(cfg.device))
@@ -103,15 +121,12 @@ def preflight(cfg: Config, stages: list[str]) -> None:
                 f"key 'window_len': {cfg.window_len} exceeds {cfg.model}'s context of {ctx} "
                 f"tokens; use at most {ctx}"
             )
-    if "sample" in stages:
-        for src in source_list(cfg):
-            if src == "stackexchange" and not Path(cfg.stackexchange_dir).is_dir():
-                raise ConfigError(
-                    f"key 'stackexchange_dir': '{cfg.stackexchange_dir}' is not a folder; "
-                    "give the `out` folder of EleutherAI/stackexchange-dataset"
-                )
-            if src == "wikitext" and cfg.wikitext_dir and not Path(cfg.wikitext_dir).is_dir():
-                raise ConfigError(f"key 'wikitext_dir': '{cfg.wikitext_dir}' is not a folder")
+    if "cache" in stages and cfg.heads:  # a head the model lacks: refuse before sampling
+        from head_explain.heads import choose_heads
+
+        shape = models.head_shape(cfg.model)
+        if shape:
+            choose_heads(*shape, cfg.max_heads, cfg.heads)
     if "explain" in stages or "simulate" in stages:
         from head_explain.llm import check_ready
 
@@ -123,7 +138,11 @@ def _check_writable(outdir: str) -> None:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
+    if not probe.is_dir():
+        raise ConfigError(
+            f"key 'outdir': '{outdir}' cannot be a folder: {probe} is a file; give a folder path"
+        )
+    if not os.access(probe, os.W_OK):
         raise ConfigError(f"key 'outdir': '{outdir}' is not writable (checked {probe})")
 
 
@@ -175,22 +194,36 @@ def run_cache(cfg: Config) -> dict[str, Any]:
 
 
 def check_cache_artifacts(cfg: Config) -> None:
-    """For --skip-cache: the activation artifacts exist and match model and windows."""
-    want = _expect(cfg, "cache") | {"sample_hash": config_hash(cfg, STAGE_PARAMS["sample"])}
+    """For --skip-cache: the sample/cache artifacts exist and match model and params."""
+    sample_hash = config_hash(cfg, STAGE_PARAMS["sample"])
+    wants: dict[str, tuple[str, dict[str, str]]] = {
+        "windows.parquet": ("sample", {"model": cfg.model, "config_hash": sample_hash})
+    }
     for name in OUTPUTS["cache"]:
+        wants[name] = ("cache", _expect(cfg, "cache") | {"sample_hash": sample_hash})
+    for name, (stage, want) in wants.items():
+        path = out(cfg, name)
+        if not path.exists():
+            raise ArtifactError(f"--skip-cache: {path} is missing; run without --skip-cache")
         try:
-            art.read_meta(out(cfg, name))
-        except FileNotFoundError:
+            meta = art.read_meta(path)
+        except Exception as exc:  # corrupt or not parquet
+            why = " ".join(str(exc).split())[:120]
             raise ArtifactError(
-                f"--skip-cache: {out(cfg, name)} is missing; run without --skip-cache"
+                f"--skip-cache: {path} is not a readable parquet file ({why}); "
+                "run without --skip-cache"
             ) from None
-        meta = art.read_meta(out(cfg, name))
         for key, value in want.items():
-            if meta.get(key) != value:
-                raise ArtifactError(
-                    f"--skip-cache: {out(cfg, name)} was made with another {key.replace('_hash', ' params')}"
-                    f" ({key}={meta.get(key)!r}); run without --skip-cache"
-                )
+            if meta.get(key) == value:
+                continue
+            if key == "model":
+                what = f"model {meta.get('model')!r}, not {cfg.model!r}"
+            else:
+                which = "sample" if key == "sample_hash" else stage
+                what = f"other {which} params (one of {', '.join(STAGE_PARAMS[which])} differs)"
+            raise ArtifactError(
+                f"--skip-cache: {path} was made with {what}; run without --skip-cache"
+            )
 
 
 def run_select(cfg: Config) -> dict[str, Any]:

@@ -127,21 +127,43 @@ def correlation(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.corrcoef(p, t)[0, 1])
 
 
+def chat_values(res, n: int) -> np.ndarray:
+    """A chat reply's `n` values (log-prob expectation, else the JSON array); ValueError
+    when it has neither (wrong shape, count or range): the backend then retries."""
+    ev = chat_expected_values(res.logprobs, n)
+    return ev if ev is not None else parse_chat_values(res.text, n)
+
+
+def check_echo_slots(res, n: int) -> None:
+    """ValueError unless an echo reply has `n` slots, at least one readable, and every
+    log-probability a number <= 0 (an all-unreadable reply would score as nothing)."""
+    if len(res.slots) != n:
+        raise ValueError(f"reply has {len(res.slots)} slots for {n} tokens")
+    if all(not s for s in res.slots):
+        raise ValueError(f"none of the {n} value slots could be read")
+    for s in res.slots:
+        for v in (s or {}).values():
+            if not isinstance(v, int | float) or math.isnan(v) or v > 1e-6:
+                raise ValueError(f"slot log-probability {v!r} is out of range")
+
+
 async def simulate_excerpt(
     backend, method: str, template: PromptTemplate, explanation: str, tokens: list[str]
 ) -> np.ndarray:
     """Predicted activation per token (NaN where a slot could not be read)."""
     if method == "echo":
         prompt, slots = build_echo_prompt(template, explanation, tokens)
-        res = await backend.score_prompt(prompt, slots, ECHO_VALUES)
+        res = await backend.score_prompt(
+            prompt, slots, ECHO_VALUES, validate=lambda r: check_echo_slots(r, len(slots))
+        )
         return expected_values(res.slots, ECHO_VALUES)
     res = await backend.chat(
         build_chat_messages(template, explanation, tokens),
         max_tokens=4 * len(tokens) + 16,
         top_logprobs=5,
+        validate=lambda r: chat_values(r, len(tokens)),
     )
-    ev = chat_expected_values(res.logprobs, len(tokens))
-    return ev if ev is not None else parse_chat_values(res.text, len(tokens))
+    return chat_values(res, len(tokens))
 
 
 async def simulate_set(

@@ -260,6 +260,11 @@ def max_balanced_windows(n_sources: int, capacities: dict[int, int], upper: int)
 def _too_small(cfg: Config, sources: list[str], short: dict[int, int]) -> DataError:
     best = max_balanced_windows(len(sources), short, cfg.windows)
     hint = f"lower 'windows' to at most {best}, lower 'window_len' or add sources"
+    if best == 0:  # "at most 0" is no advice: not one window fits
+        hint = (
+            f"no document holds a window of {cfg.window_len} tokens; lower 'window_len' "
+            "or add longer documents or sources"
+        )
     if len(sources) == 1:
         return DataError(
             f"sources '{sources[0]}' give only {short[0]} windows of {cfg.window_len} "

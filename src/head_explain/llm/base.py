@@ -4,7 +4,10 @@ Two operations cover the method: `chat` (explain a head; simulate by asking for
 numbers) and `score_prompt` (simulate by reading the model's next-token distribution
 over "0".."10" at given places of one prompt, the cheaper and more faithful method
 where the endpoint can score prompts). The base class owns what must not differ
-between backends: the response cache, the statistics, and the validation of inputs.
+between backends: the response cache, the statistics, the validation of inputs, and
+the validation of replies: a caller's `validate` rejects an unusable reply (empty,
+wrong shape, out of range) by raising ValueError; such a reply is never cached and the
+call is retried within the same retry budget as transient errors (`RetryBudget`).
 """
 
 from __future__ import annotations
@@ -12,14 +15,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from head_explain.errors import LLMError
 from head_explain.llm.cache import LLMCache, cache_key
 
 log = logging.getLogger(__name__)
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+RETRY_AFTER_CAP_S = 120.0
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -111,6 +124,40 @@ def logsumexp(values: list[float]) -> float:
     return m + math.log(sum(math.exp(v - m) for v in values))
 
 
+def backoff_s(attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float:
+    """Delay before retry number `attempt` (1-based): full-jitter exponential backoff,
+    but never shorter than the server's Retry-After (plus up to 10% jitter)."""
+    rng = rng or random
+    exp = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+    delay = exp * (0.5 + 0.5 * rng.random())
+    if retry_after is not None:
+        wait = min(retry_after, RETRY_AFTER_CAP_S)
+        delay = max(delay, wait * (1 + 0.1 * rng.random()))
+    return delay
+
+
+@dataclass
+class RetryBudget:
+    """The retries one logical call may still spend, shared by every layer that retries
+    it (transport errors in a backend, unusable replies here): a call costs at most
+    `total + 1` requests, whatever mix of faults it meets."""
+
+    total: int
+    used: int = 0
+
+    @property
+    def left(self) -> int:
+        return max(0, self.total - self.used)
+
+
+_BUDGET: ContextVar[RetryBudget | None] = ContextVar("head_explain_llm_budget", default=None)
+
+
+def current_budget() -> RetryBudget | None:
+    """The budget of the logical call this coroutine serves (None outside `chat`/`score`)."""
+    return _BUDGET.get()
+
+
 def check_slots(prompt: str, slot_offsets: list[int]) -> None:
     for off in slot_offsets:
         if not isinstance(off, int) or not 0 <= off <= len(prompt):
@@ -122,6 +169,9 @@ class LLMBackend(ABC):
 
     kind: str = ""
     model: str = ""
+    # Retries of one call (transient errors and unusable replies together). 0 here: a
+    # local deterministic model gives the same unusable reply again; remote backends set it.
+    max_retries: int = 0
 
     def __init__(self, model: str, cache: LLMCache | None, concurrency: int = 4):
         self.model = model
@@ -129,6 +179,7 @@ class LLMBackend(ABC):
         self._cache = cache
         self._concurrency = max(1, int(concurrency))
         self._sems: dict[int, asyncio.Semaphore] = {}
+        self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep  # tests record delays
 
     # --- what subclasses provide --------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -164,14 +215,89 @@ class LLMBackend(ABC):
             sem = self._sems[id(loop)]
         return sem
 
-    def _lookup(self, payload: dict[str, Any]) -> tuple[str | None, dict | None]:
+    def _redact(self, text: str) -> str:
+        """Text fit for logs and errors (backends holding a secret override this)."""
+        return text
+
+    def _cached(
+        self,
+        payload: dict[str, Any],
+        parse: Callable[[dict], R],
+        validate: Callable[[R], None] | None,
+    ) -> tuple[str | None, R | None]:
+        """(cache key, the cached result if there is a usable one)."""
         if self._cache is None:
             return None, None
         key = cache_key({**self.identity(), **payload})
         hit = self._cache.get(key)
-        if hit is not None:
-            self.stats.cache_hits += 1
-        return key, hit
+        if hit is None:
+            return key, None
+        try:
+            res = parse(hit)
+            if validate is not None:
+                validate(res)
+        except (ValueError, KeyError, TypeError) as exc:  # a row older than a validator
+            log.info("cached reply %s is unusable (%s); asking again", key[:12], exc)
+            return key, None
+        self.stats.cache_hits += 1
+        return key, res
+
+    def _unusable(self, validate: Callable[[R], None] | None, res: R) -> str | None:
+        """Why `res` is unusable (its validator's ValueError), or None if it is fine."""
+        if validate is None:
+            return None
+        try:
+            validate(res)
+        except ValueError as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    async def _fetch(
+        self,
+        op: str,
+        call: Callable[[], Awaitable[R]],
+        account: Callable[[R], None],
+        validate: Callable[[R], None] | None,
+        key: str | None,
+    ) -> R:
+        """One logical call: request, account, validate, retry an unusable reply within
+        the shared budget, cache only a usable reply. Every failure is one LLMError."""
+        self.stats.requests += 1
+        budget = RetryBudget(max(0, int(self.max_retries)))
+        token = _BUDGET.set(budget)
+        try:
+            while True:
+                res = await call()  # transient errors are retried inside, same budget
+                account(res)  # an unusable reply was still paid for
+                why = self._unusable(validate, res)
+                if why is None:
+                    break
+                if budget.left <= 0:
+                    raise LLMError(
+                        self._redact(
+                            f"{op} (model '{self.model}'): unusable reply after "
+                            f"{budget.used + 1} tries: {' '.join(why.split())}"
+                        )[:500]
+                    )
+                budget.used += 1
+                self.stats.retries += 1
+                delay = backoff_s(budget.used, None)
+                log.warning(
+                    "%s",
+                    self._redact(
+                        f"{op} (model '{self.model}'): unusable reply ({' '.join(why.split())}"
+                        f"); retry {budget.used}/{budget.total} in {delay:.1f}s"
+                    )[:400],
+                )
+                await self.sleep(delay)
+        except Exception:
+            self.stats.failures += 1
+            raise
+        finally:
+            _BUDGET.reset(token)
+        if key is not None and self._cache is not None:
+            self._cache.put(key, res.to_json())  # type: ignore[attr-defined]
+        return res
 
     def _account(self, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
         self.stats.prompt_tokens += prompt_tokens
@@ -185,8 +311,14 @@ class LLMBackend(ABC):
         max_tokens: int,
         temperature: float = 0.0,
         top_logprobs: int = 0,
+        validate: Callable[[ChatResult], None] | None = None,
     ) -> ChatResult:
-        """One chat completion; a cached answer comes back with cached=True."""
+        """One chat completion; a cached answer comes back with cached=True.
+
+        `validate(result)` raising ValueError marks a reply unusable: it is not cached
+        and the call is retried; when the retries are spent, LLMError("unusable reply
+        after N tries: <reason>"). A cached reply it rejects is asked for again.
+        """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
@@ -197,28 +329,31 @@ class LLMBackend(ABC):
             "temperature": float(temperature),
             "top_logprobs": int(top_logprobs),
         }
-        key, hit = self._lookup(payload)
+        key, hit = self._cached(payload, lambda d: ChatResult.from_json(d, cached=True), validate)
         if hit is not None:
-            return ChatResult.from_json(hit, cached=True)
-        self.stats.requests += 1
-        try:
-            res = await self._chat(msgs, int(max_tokens), float(temperature), int(top_logprobs))
-        except Exception:
-            self.stats.failures += 1
-            raise
-        self._account(res.prompt_tokens, res.completion_tokens, res.cost_usd)
-        if key is not None:
-            self._cache.put(key, res.to_json())  # type: ignore[union-attr]
-        return res
+            return hit
+        return await self._fetch(
+            "chat",
+            lambda: self._chat(msgs, int(max_tokens), float(temperature), int(top_logprobs)),
+            lambda r: self._account(r.prompt_tokens, r.completion_tokens, r.cost_usd),
+            validate,
+            key,
+        )
 
     async def score_prompt(
-        self, prompt: str, slot_offsets: list[int], candidates: list[str]
+        self,
+        prompt: str,
+        slot_offsets: list[int],
+        candidates: list[str],
+        *,
+        validate: Callable[[ScoreResult], None] | None = None,
     ) -> ScoreResult:
         """Log-probabilities that the token starting at each slot offset is each candidate.
 
         `slot_offsets` are character offsets into `prompt`. Candidates that are not a
         single token (or not found among the endpoint's top alternatives) are left out
-        of a slot's dict; a slot that cannot be read at all is None.
+        of a slot's dict; a slot that cannot be read at all is None. `validate` works as
+        in `chat`.
         """
         slot_offsets = [int(o) for o in slot_offsets]
         check_slots(prompt, slot_offsets)
@@ -228,19 +363,16 @@ class LLMBackend(ABC):
             "slot_offsets": slot_offsets,
             "candidates": list(candidates),
         }
-        key, hit = self._lookup(payload)
+        key, hit = self._cached(payload, lambda d: ScoreResult.from_json(d, cached=True), validate)
         if hit is not None:
-            return ScoreResult.from_json(hit, cached=True)
-        self.stats.requests += 1
-        try:
-            res = await self._score(prompt, slot_offsets, list(candidates))
-        except Exception:
-            self.stats.failures += 1
-            raise
-        self._account(res.prompt_tokens, 0, res.cost_usd)
-        if key is not None:
-            self._cache.put(key, res.to_json())  # type: ignore[union-attr]
-        return res
+            return hit
+        return await self._fetch(
+            "score_prompt",
+            lambda: self._score(prompt, slot_offsets, list(candidates)),
+            lambda r: self._account(r.prompt_tokens, 0, r.cost_usd),
+            validate,
+            key,
+        )
 
 
 def elapsed(t0: float) -> float:

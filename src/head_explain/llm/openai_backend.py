@@ -3,6 +3,8 @@
 Why our own retries (the client's are disabled): so that every retry is counted in
 the run's statistics, Retry-After is honoured with jitter, and a truncated or non-JSON
 body (a proxy hiccup) is retried like a 5xx instead of surfacing as a parse error.
+Transport retries and the base class's retries of unusable replies share one budget per
+call (`RetryBudget`): a call costs at most `max_retries + 1` requests.
 The API key is passed to the client and nowhere else: every message we raise or log
 goes through `redact`.
 """
@@ -16,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import threading
 import time
@@ -29,8 +30,11 @@ from head_explain.llm.base import (
     ChatResult,
     LLMBackend,
     LLMStats,
+    RetryBudget,
     ScoreResult,
     TokenLogprob,
+    backoff_s,
+    current_budget,
     logsumexp,
 )
 from head_explain.llm.cache import LLMCache
@@ -41,9 +45,6 @@ log = logging.getLogger(__name__)
 OPENAI_URL = "https://api.openai.com/v1"
 DUMMY_KEY = "not-needed"  # local servers ignore the key, but the client insists on one
 ECHO_LOGPROBS = 10  # top alternatives per prompt token (llama.cpp / vLLM accept 10+)
-BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 30.0
-RETRY_AFTER_CAP_S = 120.0
 ECHO_PROBE_PROMPT = "1 2 3 4 5"  # short: echo is slow on llama.cpp
 
 T = TypeVar("T")
@@ -140,18 +141,6 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
-def backoff_s(attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float:
-    """Delay before retry number `attempt` (1-based): full-jitter exponential backoff,
-    but never shorter than the server's Retry-After (plus up to 10% jitter)."""
-    rng = rng or random
-    exp = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-    delay = exp * (0.5 + 0.5 * rng.random())
-    if retry_after is not None:
-        wait = min(retry_after, RETRY_AFTER_CAP_S)
-        delay = max(delay, wait * (1 + 0.1 * rng.random()))
-    return delay
-
-
 def describe(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     head = type(exc).__name__ + (f" {status}" if status else "")
@@ -166,24 +155,28 @@ async def with_retries(
     what: str,
     key: str | None = None,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    budget: RetryBudget | None = None,
 ) -> T:
     """Run `call`, retrying transient errors up to `max_retries` times (counted in
-    `stats.retries`); anything else, or the last failure, becomes a one-line LLMError."""
+    `stats.retries`); anything else, or the last failure, becomes a one-line LLMError.
+    With a `budget` (shared with the caller's own retries) that budget bounds them instead."""
+    budget = budget if budget is not None else RetryBudget(max_retries)
     attempt = 0
     while True:
         try:
             return await call()
         except Exception as exc:
-            if not is_retryable(exc) or attempt >= max_retries:
-                tried = f" after {attempt} retries" if attempt else ""
+            if not is_retryable(exc) or budget.left <= 0:
+                tried = f" after {budget.used} retries" if budget.used else ""
                 msg = one_line(redact(f"{what} failed{tried}: {describe(exc)}", key))
                 raise LLMError(msg) from None
             attempt += 1
+            budget.used += 1
             stats.retries += 1
-            delay = backoff_s(attempt, retry_after_s(exc))
+            delay = backoff_s(budget.used, retry_after_s(exc))
             log.warning(
-                "%s", one_line(redact(f"{what}: {describe(exc)}; retry {attempt}/{max_retries} "
-                                      f"in {delay:.1f}s", key))
+                "%s", one_line(redact(f"{what}: {describe(exc)}; retry {budget.used}/"
+                                      f"{budget.total} in {delay:.1f}s", key))
             )  # fmt: skip
             await sleep(delay)
 
@@ -301,7 +294,6 @@ class OpenAIBackend(LLMBackend):
         self.max_retries = int(max_retries)
         self._http_client = http_client  # tests inject transports here
         self._sync_http_client = sync_http_client
-        self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep  # tests record delays
         self._client: Any = None
         self._client_loop: int | None = None
         self._echo: bool | None = False if not self.local else None
@@ -314,6 +306,9 @@ class OpenAIBackend(LLMBackend):
 
     def _what(self, op: str) -> str:
         return f"{op} (model '{self.model}' at {self.base_url})"
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._key)
 
     def client(self) -> Any:
         """The async client of the running loop (connection pools are loop-bound)."""
@@ -335,7 +330,7 @@ class OpenAIBackend(LLMBackend):
         async with self.semaphore():
             return await with_retries(
                 call, max_retries=self.max_retries, stats=self.stats, what=self._what(op),
-                key=self._key, sleep=self.sleep,
+                key=self._key, sleep=self.sleep, budget=current_budget(),
             )  # fmt: skip
 
     async def _chat(
@@ -399,19 +394,31 @@ class OpenAIBackend(LLMBackend):
             api_key=self._key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0,
             http_client=self._sync_http_client,
         )  # fmt: skip
+        attempt = 0
         try:
-            resp = client.completions.create(
-                model=self.model, prompt=ECHO_PROBE_PROMPT, echo=True, logprobs=1, max_tokens=1,
-                temperature=0,
-            )  # fmt: skip
-            lp = _echo_logprobs(_as_dict(resp))
-        except Exception as exc:
-            why = one_line(redact(describe(exc), self._key), 200)
-            if is_retryable(exc):  # transient: do not remember an answer
-                raise LLMError(f"{self._what('echo probe')}: {why}") from None
-            log.info("no echo logprobs at %s: %s", self.base_url, why)
-            self._echo, self._echo_why = False, f" ({why})"
-            return
+            while True:
+                try:
+                    resp = client.completions.create(
+                        model=self.model, prompt=ECHO_PROBE_PROMPT, echo=True, logprobs=1,
+                        max_tokens=1, temperature=0,
+                    )  # fmt: skip
+                    lp = _echo_logprobs(_as_dict(resp))
+                    break
+                except Exception as exc:
+                    why = one_line(redact(describe(exc), self._key), 200)
+                    if not is_retryable(exc):
+                        log.info("no echo logprobs at %s: %s", self.base_url, why)
+                        self._echo, self._echo_why = False, f" ({why})"
+                        return
+                    if attempt >= self.max_retries:  # transient: do not remember an answer
+                        tried = f" after {attempt} retries" if attempt else ""
+                        raise LLMError(f"{self._what('echo probe')} failed{tried}: {why}") from None
+                    attempt += 1
+                    self.stats.retries += 1
+                    delay = backoff_s(attempt, retry_after_s(exc))
+                    log.warning("%s: %s; retry %d/%d in %.1fs", self._what("echo probe"), why,
+                                attempt, self.max_retries, delay)  # fmt: skip
+                    time.sleep(delay)
         finally:
             if self._sync_http_client is None:
                 client.close()
@@ -439,12 +446,13 @@ class OpenAIBackend(LLMBackend):
             raw = _as_dict(resp)
             if not raw.get("choices"):
                 raise MalformedResponse(f"no choices in the response: {one_line(str(raw), 120)}")
+            if _echo_logprobs(raw) is None:  # the probe saw them: this reply is broken
+                raise MalformedResponse("no prompt logprobs in the response")
             return raw
 
         raw = await self._request("score_prompt", call)
         lp = _echo_logprobs(raw)
-        if lp is None:
-            raise self._no_echo(" (this response had none)")
+        assert lp is not None  # checked in call()
         usage = raw.get("usage") or {}
         pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         return ScoreResult(

@@ -1,6 +1,0 @@
-"""DVC stage 'select': params.yaml -> head_explain.pipeline.run_select (see dvc.yaml)."""
-
-from head_explain.cli import stage_main
-
-if __name__ == "__main__":
-    stage_main("select")

@@ -1,0 +1,447 @@
+"""Bad input to `head-explain`: exit 2, one line naming the input and what is valid.
+
+Every case runs the real console script in a subprocess (as a user would) from a
+temp folder and checks that the process wrote nothing there: the outdir is neither
+created nor changed, whatever the stage at which the input is found to be bad.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import zstandard
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+BUNDLED = "smollm2-135m-instruct"
+ERROR = "head-explain: error: "
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) \S+: ")
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("head-explain")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("head-explain")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from head_explain.cli import main; sys.exit(main())"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+        HEAD_EXPLAIN_PROGRESS="0", MLFLOW_ENABLE_TELEMETRY="false", DO_NOT_TRACK="1",
+    )  # fmt: skip
+    env.update(extra)
+    return env
+
+
+def snapshot(root: Path) -> dict[str, tuple[bool, int, int]]:
+    """Every path under `root` -> (is_dir, mtime_ns, size)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (p.is_dir(), st.st_mtime_ns, st.st_size)
+    return out
+
+
+class Run:
+    def __init__(self, code: int, stdout: str, stderr: str, seconds: float = 0.0):
+        self.code, self.stdout, self.stderr, self.seconds = code, stdout, stderr, seconds
+
+
+@pytest.fixture
+def cli(tmp_path, capsys, monkeypatch):
+    """`cli(*args, params=PARAMS, in_subprocess=False)`: run head-explain in `tmp_path`.
+
+    In-process (`cli.main`, stderr from capsys) by default: one import of torch and one
+    tokenizer load for the whole file. `in_subprocess=True` runs the real console script,
+    for the cases where its exit status, log lines or start-up time matter. Either way
+    the run must leave every file under `tmp_path` as it was.
+    """
+    from head_explain import cli as cli_mod
+
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("OPENAI_")]:
+        monkeypatch.delenv(key)
+    # setup_logging sets process-wide warning filters and library log levels.
+    monkeypatch.setattr(cli_mod, "setup_logging", lambda verbose: None)
+
+    def call(*args: str, params: Path | None = PARAMS, in_subprocess: bool = False) -> Run:
+        base = ["--params", str(params)] if params else []
+        argv = [*base, "--outdir", str(tmp_path / "out"), "--llm-cache", "off", *args]
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        t0 = time.time()
+        if in_subprocess:
+            proc = subprocess.run(
+                [*_command(), *argv], cwd=tmp_path, env=_env(), capture_output=True,
+                text=True, timeout=300,
+            )  # fmt: skip
+            run = Run(proc.returncode, proc.stdout, proc.stderr, time.time() - t0)
+        else:
+            try:
+                code = cli_mod.main(argv)
+            except SystemExit as exc:  # argparse's own errors
+                code = exc.code
+            out, err = capsys.readouterr()
+            run = Run(code, out, err, time.time() - t0)
+        after = snapshot(tmp_path)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        assert not changed, f"files written or changed: {changed}\nstderr:\n{run.stderr}"
+        return run
+
+    return call
+
+
+def assert_user_error(run: Run, *fragments: str, preflight: bool = True) -> str:
+    """Exit 2, no traceback, one error line that names `fragments`; returns the line.
+
+    preflight: the input was refused before any stage started, so stderr is that one
+    line. Otherwise (corrupt data found while sampling) only log records precede it.
+    """
+    assert run.code == 2, f"exit {run.code}\nstderr:\n{run.stderr}"
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.splitlines()
+    assert lines, "no message on stderr"
+    errors = [line for line in lines if line.startswith(ERROR)]
+    assert len(errors) == 1 and lines[-1] == errors[0], run.stderr
+    if preflight:
+        assert lines == errors, f"more than one line on stderr:\n{run.stderr}"
+    else:
+        others = [line for line in lines[:-1] if not LOG_LINE.match(line)]
+        assert not others, f"stray stderr lines: {others}"
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+# ------------------------------------------------------------------ config and flags
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (
+            ["--sources", "pydocs,reddit"],
+            ["key 'sources'", "unknown source 'reddit'", "valid: pydocs, wikitext, stackexchange, files"],
+        ),
+        (["--topk", "0"], ["key 'topk': 0 must be a positive integer"]),
+        (["--max-heads", "0"], ["key 'max_heads': 0 must be a positive integer"]),
+        (["--max-heads", "-3"], ["key 'max_heads': -3 must be a positive integer"]),
+        (["--windows", "-5"], ["key 'windows': -5 must be a positive integer"]),
+        (["--topkk", "3"], ["unrecognized arguments: --topkk", "(did you mean --topk?)"]),
+        (["--windows", "many"], ["--windows", "invalid int value: 'many'"]),
+        (["--device", "tpu"], ["--device", "invalid choice: 'tpu'", "cpu", "cuda"]),
+        (
+            ["--sources", "stackexchange", "--stackexchange-dir", ""],
+            ["key 'stackexchange_dir': empty", "EleutherAI/stackexchange-dataset"],
+        ),
+        (
+            ["--sources", "files", "--data-files", "notes.docx"],
+            ["key 'data_files'", "'notes.docx'", "valid: .txt, .jsonl, .parquet"],
+        ),
+        (
+            ["--sources", "files", "--data-files", "missing.txt"],
+            ["key 'data_files'", "'missing.txt' does not exist"],
+        ),
+    ],
+    ids=[
+        "unknown-source", "topk-0", "max-heads-0", "max-heads-negative", "windows-negative",
+        "misspelled-flag", "not-an-int", "bad-choice", "stackexchange-dir-empty-string",
+        "data-files-extension", "data-files-missing",
+    ],
+)  # fmt: skip
+def test_bad_value_or_flag(cli, args, fragments):
+    assert_user_error(cli(*args), *fragments)
+
+
+def test_misspelled_flag_from_the_console_script(cli):
+    run = cli("--topkk", "3", in_subprocess=True)
+    assert_user_error(run, "unrecognized arguments: --topkk", "(did you mean --topk?)")
+
+
+def test_unknown_params_key(cli, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text() + "topkk: 3\n")
+    line = assert_user_error(cli(params=params), "unknown key 'topkk'", "(did you mean 'topk'?)")
+    assert "valid keys: model, device" in line and "outdir" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("topk: [1, 2\nwindows: 3\n", "is not valid YAML at line 2"),
+        ("- topk\n- windows\n", "must be a mapping of key: value"),
+        ("windows: lots\n", "key 'windows': value 'lots' is not a valid int"),
+    ],
+    ids=["not-yaml", "not-a-mapping", "wrong-type"],
+)
+def test_params_file_not_usable(cli, tmp_path, text, fragment):
+    params = tmp_path / "bad-params.yaml"
+    params.write_text(text)
+    line = assert_user_error(cli(params=params), fragment)
+    if "params file" in fragment or "YAML" in fragment:
+        assert "bad-params.yaml" in line
+
+
+def test_params_file_missing(cli, tmp_path):
+    assert_user_error(
+        cli(params=tmp_path / "nope.yaml"), "params file", "nope.yaml' does not exist"
+    )
+
+
+# ------------------------------------------------------------------ model and device
+def test_unknown_model_fails_fast_offline(cli):
+    run = cli("--model", "no-such/model-xyz", in_subprocess=True)
+    assert_user_error(run, "key 'model'", "'no-such/model-xyz'", f"--model {BUNDLED}")
+    assert run.seconds < 60, f"took {run.seconds:.0f}s to refuse an unknown model offline"
+
+
+def test_window_len_over_the_model_context(cli):
+    assert_user_error(
+        cli("--model", BUNDLED, "--window-len", "9000"),
+        "key 'window_len': 9000 exceeds",
+        f"{BUNDLED}'s context of 8192",
+        "use at most 8192",
+    )
+
+
+def test_cuda_without_a_gpu(cli):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+    assert_user_error(
+        cli("--model", BUNDLED, "--device", "cuda"),
+        "key 'device': 'cuda'",
+        "no CUDA GPU",
+        "use cpu",
+    )
+
+
+def test_dtype_the_device_cannot_run(cli):
+    assert_user_error(
+        cli("--model", BUNDLED, "--device", "cpu", "--dtype", "float16"),
+        "key 'dtype': float16",
+        "on cpu",
+        "float32 or bfloat16",
+    )
+
+
+# ------------------------------------------------------------------ LLM endpoint
+def test_openai_without_api_key_fails_before_any_work(cli):
+    run = cli("--model", BUNDLED, "--llm", "openai", in_subprocess=True)
+    assert_user_error(run, "OPENAI_API_KEY", "--llm embedded")
+    assert "stage" not in run.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_base_url_that_does_not_answer(cli):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    run = cli("--model", BUNDLED, "--llm", "openai", "--openai-base-url", url)
+    assert_user_error(run, f"openai_base_url '{url}'", "does not answer", "--llm embedded")
+    assert run.seconds < 60
+
+
+# ------------------------------------------------------------------ outdir
+@pytest.mark.parametrize("where", ["under-a-file", "is-a-file"])
+def test_outdir_not_writable(tmp_path, where):
+    # Tests run as root, which chmod cannot lock out: a regular file in the path can.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a regular file\n")
+    outdir = blocker / "out" if where == "under-a-file" else blocker
+    before = snapshot(tmp_path)
+    proc = subprocess.run(
+        [*_command(), "--params", str(PARAMS), "--outdir", str(outdir), "--llm-cache", "off"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert snapshot(tmp_path) == before
+    assert_user_error(
+        Run(proc.returncode, proc.stdout, proc.stderr),
+        "key 'outdir'",
+        f"'{outdir}'",
+        "is a file",
+        "folder",
+    )
+
+
+# ------------------------------------------------------------------ corpus
+def test_stackexchange_dir_missing(cli):
+    assert_user_error(
+        cli("--sources", "stackexchange", "--stackexchange-dir", "no-such-dir"),
+        "key 'stackexchange_dir': 'no-such-dir' is not a folder",
+        "EleutherAI/stackexchange-dataset",
+    )
+
+
+def test_stackexchange_dir_empty(cli, tmp_path):
+    (tmp_path / "dump").mkdir()
+    assert_user_error(
+        cli("--sources", "stackexchange", "--stackexchange-dir", "dump"),
+        "key 'stackexchange_dir': 'dump' holds no .zip, .txt or .jsonl.zst files",
+        "<site>.zip",
+    )
+
+
+def _stackexchange_entries() -> list[str]:
+    return [
+        f"Q: How fine should I grind beans for a {kind}? A: " + "Medium-fine grind. " * 40
+        for kind in ("moka pot", "french press", "pour-over", "espresso", "cold brew")
+    ]
+
+
+def test_stackexchange_corrupt_zip(cli, tmp_path):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    good = dump / "coffee.stackexchange.zip"
+    with zipfile.ZipFile(good, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, text in enumerate(_stackexchange_entries()):
+            zf.writestr(f"coffee.stackexchange_{i}.txt", text)
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])  # cut short, as by an interrupted download
+    line = assert_user_error(  # a subprocess: only log records may precede the error
+        cli("--sources", "stackexchange", "--stackexchange-dir", "dump", in_subprocess=True),
+        "coffee.stackexchange.zip'",
+        "is not a valid zip archive",
+        preflight=False,
+    )
+    assert "dump" in line
+
+
+def test_stackexchange_corrupt_jsonl_zst(cli, tmp_path):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    rows = "".join(
+        json.dumps({"text": t, "meta": {"name": f"coffee.stackexchange_{i}"}}) + "\n"
+        for i, t in enumerate(_stackexchange_entries())
+    )
+    blob = zstandard.ZstdCompressor().compress(rows.encode())
+    (dump / "data_0_time1700000000_coffee.stackexchange.jsonl.zst").write_bytes(
+        blob[: len(blob) // 2]
+    )
+    assert_user_error(
+        cli("--sources", "stackexchange", "--stackexchange-dir", "dump"),
+        "data_0_time1700000000_coffee.stackexchange.jsonl.zst'",
+        "is not a valid zstd stream",
+        preflight=False,
+    )
+
+
+def test_corpus_with_no_window(cli, tmp_path):
+    (tmp_path / "tiny.txt").write_text("A corpus of one short sentence.\n")
+    assert_user_error(
+        cli("--sources", "files", "--data-files", "tiny.txt"),
+        "sources 'files' give only 0 windows of 64 tokens",
+        "lower 'window_len'",
+        preflight=False,
+    )
+
+
+def test_corpus_smaller_than_windows_times_window_len(cli, tmp_path):
+    words = " ".join(f"item{i} costs {i * 7 % 97} coins." for i in range(150))
+    (tmp_path / "small.txt").write_text(words + "\n")
+    line = assert_user_error(
+        cli("--sources", "files", "--data-files", "small.txt"),
+        "sources 'files' give only",
+        "windows of 64 tokens",
+        preflight=False,
+    )
+    got = int(re.search(r"give only (\d+) windows", line).group(1))
+    assert 0 < got < 160
+    assert f"lower 'windows' to at most {got}" in line
+
+
+# ------------------------------------------------------------------ skip flags
+def _fake_cache_artifacts(outdir: Path, **params) -> None:
+    """Sample + cache artifacts (no rows) stamped as the pipeline stamps them."""
+    from head_explain import artifacts as art
+    from head_explain import config
+    from head_explain.pipeline import OUTPUTS, STAGE_PARAMS
+
+    cfg = config.load_params(PARAMS, {"outdir": str(outdir), "llm_cache": "off", **params})
+    sample_hash = config.config_hash(cfg, STAGE_PARAMS["sample"])
+    cache_meta = {
+        "stage": "cache", "model": cfg.model, "sample_hash": sample_hash,
+        "config_hash": config.config_hash(cfg, STAGE_PARAMS["cache"]),
+    }  # fmt: skip
+    names = {"windows.parquet": {"stage": "sample", "model": cfg.model, "config_hash": sample_hash}}
+    names |= {name: cache_meta for name in OUTPUTS["cache"]}
+    for name, meta in names.items():
+        cols = art.CONTRACTS[name][1]
+        art.write_parquet(outdir / name, pd.DataFrame({c: [] for c in cols}), meta)
+
+
+def test_skip_cache_with_missing_artifacts(cli):
+    assert_user_error(
+        cli("--skip-cache"),
+        "--skip-cache:",
+        "windows.parquet is missing",
+        "run without --skip-cache",
+    )
+
+
+def test_skip_cache_with_artifacts_made_with_other_windows(cli, tmp_path):
+    _fake_cache_artifacts(tmp_path / "out", windows=41)
+    assert_user_error(
+        cli("--skip-cache"),
+        "--skip-cache:",
+        "windows.parquet was made with other sample params",
+        "windows, window_len",
+        "run without --skip-cache",
+    )
+
+
+def test_skip_cache_with_a_corrupt_artifact(cli, tmp_path):
+    _fake_cache_artifacts(tmp_path / "out")
+    (tmp_path / "out" / "raw_events.parquet").write_bytes(b"PAR1 not really parquet")
+    assert_user_error(
+        cli("--skip-cache"),
+        "--skip-cache:",
+        "raw_events.parquet is not a readable parquet file",
+        "run without --skip-cache",
+    )
+
+
+def test_skip_cache_with_artifacts_of_another_model(cli, tmp_path):
+    _fake_cache_artifacts(tmp_path / "out", model="gpt2")
+    assert_user_error(
+        cli("--skip-cache"),
+        "windows.parquet was made with model 'gpt2', not 'smollm2-135m-instruct'",
+        "run without --skip-cache",
+    )
+
+
+def test_skip_explain_with_missing_explanations(cli):
+    assert_user_error(
+        cli("--skip-explain"),
+        "--skip-explain:",
+        "explanations.jsonl is missing",
+        "run without --skip-explain",
+    )
+
+
+def test_skip_explain_after_cache_with_missing_explanations(cli, tmp_path):
+    _fake_cache_artifacts(tmp_path / "out")
+    assert_user_error(
+        cli("--skip-cache", "--skip-explain"),
+        "--skip-explain:",
+        "explanations.jsonl is missing",
+        "run without --skip-explain",
+    )

@@ -1,0 +1,393 @@
+"""Faults between us and a real llama.cpp server, injected by tests/fault_proxy.py.
+
+Every fault class is met twice: once transient (the call survives with bounded, jittered
+retries, the answer equals a fault-free one, and only it is cached) and once persistent
+(exactly max_retries + 1 requests, then one LLMError; nothing cached; a head that meets
+it is a recorded failure, never a crash or a zero score). Then whole explain stages:
+too many failed heads (exit 1, valid and resumable artifacts) and the server killed
+mid-stage (recorded failures; once it is back a rerun pays only for what was missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import sqlite3
+import time
+
+import pytest
+from fault_proxy import (
+    CUT_JSON,
+    NOT_JSON,
+    PASS,
+    RESET,
+    TRUNCATE,
+    ExplainRun,
+    FaultProxy,
+    chat_content,
+    echo_tops,
+    hang,
+    mutate,
+    status,
+    wait_until,
+)
+from llama_server import SERVER_MODEL, copy_artifacts
+
+from head_explain import artifacts as art
+from head_explain import explain, prompts, simulate
+from head_explain.errors import LLMError
+from head_explain.llm.cache import LLMCache
+from head_explain.llm.openai_backend import OpenAIBackend
+
+pytestmark = [pytest.mark.slow, pytest.mark.llama_server]
+
+MSG = [{"role": "user", "content": "Name a colour. One word."}]
+ERROR_LINE = "head-explain explain: error: "  # how stage_main reports a HeadExplainError
+KEY = "sk-faulttest-0123456789abcdefSECRETSECRET9876543210"
+
+
+@pytest.fixture(scope="module")
+def proxy(chat_llama_server):
+    with FaultProxy(chat_llama_server) as p:
+        yield p
+
+
+@pytest.fixture()
+def fp(proxy):
+    """The module's proxy with an empty plan and no records; left that way after."""
+    proxy.plan()
+    proxy.reset_records()
+    yield proxy
+    proxy.plan()
+    proxy.release()
+
+
+def make_backend(proxy, tmp_path, retries=2, timeout=10.0, name="cache.sqlite"):
+    b = OpenAIBackend(
+        SERVER_MODEL, base_url=proxy.url, timeout_s=timeout, max_retries=retries,
+        cache=LLMCache(tmp_path / name),
+    )  # fmt: skip
+    b.delays = []
+
+    async def sleep(s: float) -> None:  # real waits, recorded
+        b.delays.append(s)
+        await asyncio.sleep(s)
+
+    b.sleep = sleep
+    return b
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def cache_values(path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [v for (v,) in conn.execute("SELECT value FROM responses")]
+
+
+def nonempty(res) -> None:
+    if not res.text.strip():
+        raise ValueError("empty reply")
+
+
+@pytest.fixture(scope="module")
+def reference(proxy, tmp_path_factory) -> str:
+    """The fault-free answer to MSG (temperature 0: every retry must reproduce it)."""
+    proxy.plan()
+    b = make_backend(proxy, tmp_path_factory.mktemp("ref"))
+    text = run(b.chat(MSG, max_tokens=4)).text
+    run(b.aclose())
+    assert text.strip()
+    return text
+
+
+# --- transient faults: survived ----------------------------------------------------------
+TRANSIENT = [
+    status(429, retry_after="1"), status(429), status(500), status(502), status(503),
+    RESET, hang(30), TRUNCATE, CUT_JSON, NOT_JSON, mutate(chat_content(""), "empty content"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", TRANSIENT, ids=str)
+def test_transient_fault_is_retried(fp, tmp_path, reference, fault):
+    b = make_backend(fp, tmp_path, retries=2, timeout=5.0)
+    fp.plan(fault)
+    t0 = time.monotonic()
+    res = run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    took = time.monotonic() - t0
+    assert res.text == reference and not res.cached
+    assert (b.stats.requests, b.stats.retries, b.stats.failures) == (1, 1, 0)
+    posts = fp.posts("/chat/completions")
+    assert [r.fault for r in posts] == [str(fault), "pass"]
+    (delay,) = b.delays
+    if fault.label == "status 429 retry-after 1":
+        assert 1.0 <= delay <= 1.1 and took >= 1.0  # Retry-After honoured (+ <=10% jitter)
+    else:
+        assert 0.25 <= delay <= 0.5  # full jitter on the first backoff step of 0.5 s
+    if fault.kind == "hang":
+        assert took >= 5.0  # waited out the client timeout, no longer than needed
+        assert posts[0].outcome == "hung"
+    # only the usable reply was stored: the same call again is a free cache hit
+    assert len(cache_values(tmp_path / "cache.sqlite")) == 1
+    again = run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    assert again.cached and again.text == reference and len(fp.posts()) == 2
+    run(b.aclose())
+
+
+# --- persistent faults: bounded, then one error ------------------------------------------
+PERSISTENT = [
+    status(429, retry_after="1"), status(429), status(500), status(502), status(503),
+    RESET, hang(30), TRUNCATE, CUT_JSON, NOT_JSON, mutate(chat_content(""), "empty content"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", PERSISTENT, ids=str)
+def test_persistent_fault_gives_up_after_budget(fp, tmp_path, fault):
+    b = make_backend(fp, tmp_path, retries=2, timeout=1.5 if fault.kind == "hang" else 10.0)
+    fp.plan(then=fault)
+    with pytest.raises(LLMError) as info:
+        run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) <= 500
+    if fault.kind == "mutate":
+        assert "unusable reply after 3 tries: empty reply" in msg
+    else:
+        assert "after 2 retries" in msg
+    assert len(fp.posts("/chat/completions")) == 3  # max_retries + 1, never more
+    assert (b.stats.requests, b.stats.retries, b.stats.failures) == (1, 2, 1)
+    assert len(b.delays) == 2
+    if fault.label == "status 429 retry-after 1":
+        assert all(1.0 <= d <= 1.1 for d in b.delays)
+    else:  # exponential, jittered: [0.25, 0.5] then [0.5, 1.0]
+        assert 0.25 <= b.delays[0] <= 0.5 and 0.5 <= b.delays[1] <= 1.0
+    assert cache_values(tmp_path / "cache.sqlite") == []  # nothing unusable is stored
+    run(b.aclose())
+
+
+def test_mixed_faults_share_one_budget(fp, tmp_path, reference):
+    b = make_backend(fp, tmp_path, retries=2)
+    fp.plan(status(503), mutate(chat_content(" "), "blank"))  # then: pass
+    assert run(b.chat(MSG, max_tokens=4, validate=nonempty)).text == reference
+    assert b.stats.retries == 2 and len(fp.posts()) == 3
+    fp.reset_records()
+    fp.plan(status(503), mutate(chat_content(""), "empty"), then=RESET)
+    with pytest.raises(LLMError, match="failed after 2 retries: APIConnectionError"):
+        run(b.chat(MSG, max_tokens=5, validate=nonempty))
+    assert len(fp.posts()) == 3  # 503, empty, reset: one budget of 2 retries, not 3 x 3
+    run(b.aclose())
+
+
+def test_unusable_cached_reply_is_asked_again(fp, tmp_path, reference):
+    """A reply cached before a validator existed (or by another caller) that the
+    validator rejects is re-requested, and the good answer replaces it."""
+    b = make_backend(fp, tmp_path)
+    fp.plan(mutate(chat_content(""), "empty"))
+    assert run(b.chat(MSG, max_tokens=4)).text == ""  # no validator: cached as is
+    res = run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    assert res.text == reference and not res.cached and b.stats.cache_hits == 0
+    assert run(b.chat(MSG, max_tokens=4, validate=nonempty)).cached
+    assert len(cache_values(tmp_path / "cache.sqlite")) == 1
+    run(b.aclose())
+
+
+def test_key_never_leaks_under_faults(fp, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    caplog.set_level(logging.DEBUG)
+    b = make_backend(fp, tmp_path, retries=1)
+    echoed = f"Incorrect API key provided: {KEY[:12]}****{KEY[-4:]} (full: {KEY})"
+    fp.plan(then=status(503, message=echoed))
+    with pytest.raises(LLMError) as info:
+        run(b.chat(MSG, max_tokens=4))
+    fp.plan(mutate(chat_content(KEY), "key in reply"))
+
+    def reject(res) -> None:  # the reason quotes the reply, key and all
+        raise ValueError(f"rejected {res.text!r}")
+
+    with pytest.raises(LLMError) as info2:
+        run(b.chat(MSG, max_tokens=4, validate=reject))
+    text = str(info.value) + str(info2.value) + caplog.text
+    assert "503" in str(info.value) and "unusable reply" in str(info2.value)
+    assert KEY not in text and KEY[:12] not in text and KEY[-12:] not in text
+    for value in cache_values(tmp_path / "cache.sqlite"):
+        assert KEY not in value
+    run(b.aclose())
+
+
+# --- simulation replies: shape, range, count, unreadable slots ---------------------------
+def test_simulate_chat_rejects_unusable_values(fp, tmp_path):
+    b = make_backend(fp, tmp_path, retries=4)
+    tpl = prompts.load(simulate.CHAT_PROMPT)
+    tokens = ["a", " (", " b"]
+    fp.plan(
+        mutate(chat_content(""), "empty"),
+        mutate(chat_content("The head is active on b."), "no array"),
+        mutate(chat_content("[0, 11, -2]"), "out of range"),
+        mutate(chat_content("[0, 9]"), "wrong count"),
+        then=mutate(chat_content("[0, 2, 9]"), "good"),
+    )
+    vals = run(simulate.simulate_excerpt(b, "chat", tpl, "attends to parentheses.", tokens))
+    assert list(vals) == [0, 2, 9]
+    assert b.stats.retries == 4 and len(fp.posts()) == 5 and b.stats.failures == 0
+    (row,) = [json.loads(v) for v in cache_values(tmp_path / "cache.sqlite")]
+    assert row["text"] == "[0, 2, 9]"  # none of the four unusable replies was kept
+    run(b.aclose())
+
+
+def test_simulate_chat_validator_persistent(fp, tmp_path):
+    """The same validator on a short prompt: a persistent wrong count is one LLMError."""
+    b = make_backend(fp, tmp_path, retries=2)
+    fp.plan(then=mutate(chat_content("[0, 9]"), "wrong count"))
+    with pytest.raises(LLMError, match="unusable reply after 3 tries: reply has 2 values for 3"):
+        run(b.chat(MSG, max_tokens=4, validate=lambda r: simulate.chat_values(r, 3)))
+    assert len(fp.posts()) == 3 and cache_values(tmp_path / "cache.sqlite") == []
+    run(b.aclose())
+
+
+@pytest.fixture()
+def echo_fp(llama_server):
+    """A proxy in front of the --logits_all server (prompt logprobs)."""
+    with FaultProxy(llama_server) as p:
+        yield p
+
+
+def test_echo_rejects_unreadable_and_out_of_range_slots(echo_fp, tmp_path):
+    fp = echo_fp
+    b = make_backend(fp, tmp_path, retries=2)
+    assert b.supports_echo()  # the probe passes before any fault is planned
+    prompt = "1 2 3 4 5 6 7"
+    slots = [i + 1 for i, c in enumerate(prompt) if c == " "]
+    digits = [str(i) for i in range(10)]
+
+    def check(r):
+        return simulate.check_echo_slots(r, len(slots))
+
+    fp.reset_records()
+    fp.plan(mutate(echo_tops({"zz": -0.1}), "no digits"), mutate(echo_tops({"5": 2.0}), "lp>0"))
+    res = run(b.score_prompt(prompt, slots, digits, validate=check))
+    assert any(res.slots) and b.stats.retries == 2 and len(fp.posts("/completions")) == 3
+    assert max(res.slots[-1], key=res.slots[-1].get) == "7"
+    fp.reset_records()
+    b.max_retries = 1
+    fp.plan(then=mutate(echo_tops({"zz": -0.1}), "no digits"))
+    with pytest.raises(LLMError, match="unusable reply after 2 tries: none of the 6 value slots"):
+        run(b.score_prompt(prompt, slots[:-1] + [len(prompt)], digits, validate=check))
+    run(b.aclose())
+
+
+# --- one head: a recorded failure, never a crash or a zero ------------------------------
+@pytest.fixture(scope="module")
+def head_events(prepared_artifacts):
+    events, _ = art.read_parquet(prepared_artifacts / "events.parquet", {"model": SERVER_MODEL})
+    (layer, head), grp = next(iter(events.groupby(["layer", "head"], sort=True)))
+    return int(layer), int(head), grp
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [status(503), RESET, mutate(chat_content("See ![x](http://x.png)"), "unusable")],
+    ids=str,
+)
+def test_explain_head_records_persistent_failure(fp, tmp_path, head_events, fault):
+    b = make_backend(fp, tmp_path, retries=1)
+    layer, head, grp = head_events
+    fp.plan(then=fault)
+    row = run(explain.explain_head(b, prompts.load(explain.PROMPT), layer, head, grp, 40))
+    assert row["explanation"] == "" and row["raw"] is None
+    assert row["error"].startswith("LLMError: ") and len(fp.posts()) == 2
+    if fault.kind == "mutate":
+        assert "unusable reply after 2 tries: empty or unusable explanation" in row["error"]
+    assert cache_values(tmp_path / "cache.sqlite") == []
+    run(b.aclose())
+
+
+def test_explain_head_survives_unusable_then_good(fp, tmp_path, head_events):
+    b = make_backend(fp, tmp_path, retries=1)
+    layer, head, grp = head_events
+    fp.plan(mutate(chat_content(""), "empty"))
+    row = run(explain.explain_head(b, prompts.load(explain.PROMPT), layer, head, grp, 40))
+    assert row["error"] is None and row["explanation"].startswith("attends")
+    assert b.stats.retries == 1 and len(fp.posts()) == 2
+    run(b.aclose())
+
+
+def test_score_head_failure_is_nan_not_zero(fp, tmp_path, head_events):
+    b = make_backend(fp, tmp_path, retries=1)
+    layer, head, grp = head_events
+    fp.plan(then=status(503))
+    tpl = prompts.load(simulate.CHAT_PROMPT)
+    row = run(simulate.score_head(b, "chat", tpl, layer, head, "attends from x to y.",
+                                  "attends from a to b.", "L0H1", grp))  # fmt: skip
+    assert math.isnan(row["score"]) and math.isnan(row["baseline_score"])
+    assert row["error"].startswith("2/2 excerpts failed") and "503" in row["error"]
+    assert row["n_failed"] == 2 and len(fp.posts()) == 8  # 4 calls x (1 + 1 retry)
+    run(b.aclose())
+
+
+# --- whole stages ---------------------------------------------------------------------------
+def test_stage_exits_1_over_max_failed_fraction_and_reruns_from_cache(
+    fp, tmp_path, prepared_artifacts
+):
+    stage = ExplainRun(copy_artifacts(prepared_artifacts, tmp_path / "out"), fp.url,
+                       tmp_path / "cache.sqlite", llm_max_retries=1)  # fmt: skip
+    fp.plan(PASS, then=status(503))  # one head answered, then the endpoint keeps failing
+    res = stage.run()
+    assert res.returncode == 1, res.stderr[-2000:]
+    line = [ln for ln in res.stderr.splitlines() if ln.startswith(ERROR_LINE)][-1]
+    assert "explain: 3/4 heads failed (max_failed_fraction=0.5)" in line
+    assert "first error: LLMError" in line and "503" in line and "rerun to retry" in line
+    rows = stage.rows()  # the artifacts are valid: every head, failed ones marked
+    assert len(rows) == 4 and sum(bool(r["explanation"]) for r in rows) == 1
+    assert all(bool(r["error"]) != bool(r["explanation"]) for r in rows)
+    m = stage.metrics()
+    assert (m["heads"], m["failed"]) == (4, 3)
+    assert m["llm"]["requests"] == 4 and m["llm"]["retries"] == 3 and m["llm"]["failures"] == 3
+    assert len(fp.posts("/chat/completions")) == 1 + 3 * 2
+    assert stage.cache_rows() == 1 and not stage.partial.exists()
+
+    # Below the threshold: exit 0, the failure recorded. Only the 3 failed heads are paid.
+    fp.reset_records()
+    fp.plan(status(503), status(503))  # the first remaining head fails twice; the rest pass
+    res = stage.run()
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = stage.metrics()
+    assert (m["failed"], m["llm"]["requests"], m["llm"]["cache_hits"]) == (1, 3, 1)
+    assert len(fp.posts("/chat/completions")) == 2 + 2
+
+    fp.reset_records()  # and once the endpoint is healthy, only the last one
+    res = stage.run()
+    assert res.returncode == 0 and stage.metrics()["failed"] == 0
+    assert stage.metrics()["llm"]["requests"] == 1 and len(fp.posts()) == 1
+    assert all(r["explanation"] and not r["error"] for r in stage.rows())
+
+
+def test_server_killed_mid_stage_then_rerun_from_cache(
+    killable_llama_server, tmp_path, prepared_artifacts
+):
+    """The real server process is SIGKILLed while the stage runs (no proxy involved)."""
+    server = killable_llama_server
+    stage = ExplainRun(copy_artifacts(prepared_artifacts, tmp_path / "out"), server.base_url,
+                       tmp_path / "cache.sqlite", llm_max_retries=2)  # fmt: skip
+    stage.start()
+    wait_until(lambda: len(stage.partial_rows()) >= 1, 180, "the first finished head")
+    server.kill()
+    done = stage.cache_rows()
+    _, err = stage.proc.communicate(timeout=120)
+    assert stage.proc.returncode == 1, err[-2000:]
+    failed = 4 - done
+    assert failed >= 2, "the kill came too late to test anything"
+    line = [ln for ln in err.splitlines() if ln.startswith(ERROR_LINE)][-1]
+    assert f"explain: {failed}/4 heads failed" in line and "Connection" in line
+    m = stage.metrics()
+    assert m["failed"] == failed and m["llm"]["failures"] == failed
+    assert m["llm"]["retries"] == 2 * failed  # each failed head used its whole budget
+    assert sum(bool(r["explanation"]) for r in stage.rows()) == done
+
+    server.start()  # back, same port (the cache key holds the URL)
+    res = stage.run()
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = stage.metrics()
+    assert m["failed"] == 0 and m["llm"]["requests"] == failed
+    assert m["llm"]["cache_hits"] == done  # finished calls were not repeated
