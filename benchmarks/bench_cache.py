@@ -74,13 +74,17 @@ def main() -> None:
     cache_small, mem_small = run_cache(bridge, small, heads, device)
     cache_big, mem_big = run_cache(bridge, big, heads, device)
     tokens = small.size
-    print(f"model {args.model} on {device}: {len(heads)} heads, {args.windows} windows x {args.window_len} tokens")
+    print(
+        f"model {args.model} on {device}: {len(heads)} heads, {args.windows} windows x {args.window_len} tokens"
+    )
     print(f"plain forward:        {tokens / fwd:8.0f} tokens/s")
     print(f"cache (all heads):    {tokens / cache_small:8.0f} tokens/s")
     print(f"cache / forward time: {cache_small / fwd:8.2f}x")
     print(f"4x windows time ratio: {cache_big / cache_small:7.2f} (linear = 4.00)")
     unit = "MiB allocated (cuda peak)" if device == "cuda" else "MiB peak RSS"
-    print(f"memory {args.windows} windows: {mem_small:.0f} {unit}; {4 * args.windows} windows: {mem_big:.0f}")
+    print(
+        f"memory {args.windows} windows: {mem_small:.0f} {unit}; {4 * args.windows} windows: {mem_big:.0f}"
+    )
     print(f"memory ratio 4x windows: {mem_big / mem_small:.2f} (bounded = ~1.00)")
 
 

@@ -313,9 +313,12 @@ class FaultProxy:
             return
         rec.outcome = "answered"
         if fault.kind == "mutate" and fault.fn is not None:
-            data = json.loads(up_body)
-            fault.fn(data)
-            up_body = json.dumps(data).encode()
+            try:
+                data = json.loads(up_body)
+                fault.fn(data)
+                up_body = json.dumps(data).encode()
+            except (ValueError, KeyError, IndexError, TypeError):  # not a reply to mutate
+                rec.outcome = f"answered {status_code} unmutated"
         if fault.kind == "cut_json":
             up_body = up_body[: len(up_body) // 2]
         if fault.kind == "truncate":
@@ -477,6 +480,7 @@ def kill_and_resume(
     res = clean.run()
     if res.returncode != 0:
         raise AssertionError(f"clean run failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    out["clean_s"] = res.seconds
     out["clean"] = clean.metrics()
     out["clean_explanations"] = clean.explanations()
     out["clean_posts"] = len(proxy.posts("/chat/completions"))
@@ -485,6 +489,7 @@ def kill_and_resume(
     proxy.plan(*[PASS] * kill_after, then=HOLD)
     run = ExplainRun(copy_artifacts(prepared, workdir / "killed"), proxy.url,
                      workdir / "killed.sqlite")  # fmt: skip
+    t0 = time.monotonic()
     run.start()
     try:
         wait_until(lambda: len(run.partial_rows()) >= kill_after and proxy.held > 0, 180,
@@ -493,6 +498,7 @@ def kill_and_resume(
         run.kill()
         raise
     run.kill()
+    out["killed_s"] = time.monotonic() - t0
     out["killed_posts"] = len(proxy.posts("/chat/completions"))
     out["partial_at_kill"] = len(run.partial_rows())
     out["cached_at_kill"] = run.cache_rows()
@@ -506,6 +512,7 @@ def kill_and_resume(
     res = run.run()
     if res.returncode != 0:
         raise AssertionError(f"resumed run failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    out["resumed_s"] = res.seconds
     out["resumed"] = run.metrics()
     out["resumed_posts"] = len(proxy.posts("/chat/completions"))
     out["resumed_explanations"] = run.explanations()
@@ -515,6 +522,7 @@ def kill_and_resume(
     res = run.run()
     if res.returncode != 0:
         raise AssertionError(f"third run failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    out["rerun_s"] = res.seconds
     out["rerun"] = run.metrics()
     out["rerun_posts"] = len(proxy.posts("/chat/completions"))
     out["rerun_explanations"] = run.explanations()

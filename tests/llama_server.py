@@ -86,7 +86,7 @@ class LlamaServer:
     `kill()` SIGKILLs it (the server going away mid-stage); `start()` again brings it
     back on the same port, so clients and cache keys (which hold the URL) are unchanged.
     `logits_all=False` processes prompts about twice as fast on 2 cores and answers the
-    same; what needs prompt logprobs (echo scoring) wants the default.
+    same, but refuses requests for logprobs (simulation needs the default).
     """
 
     def __init__(self, log_path: str | Path, port: int | None = None, logits_all: bool = True):
@@ -173,8 +173,8 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def chat_llama_server(tmp_path_factory) -> Iterator[str]:
-    """Like `llama_server`, without --logits_all: prompts that ask for no logprobs (the
-    explain stage's) are processed about twice as fast."""
+    """Like `llama_server`, without --logits_all: explain-stage prompts are processed about
+    twice as fast; requests for logprobs (simulation, the echo probe) get HTTP 500."""
     log = tmp_path_factory.mktemp("chat_llama_server") / "server.log"
     with _serve(log, logits_all=False) as server:
         yield server.base_url

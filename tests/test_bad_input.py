@@ -1,8 +1,9 @@
 """Bad input to `head-explain`: exit 2, one line naming the input and what is valid.
 
-Every case runs the real console script in a subprocess (as a user would) from a
-temp folder and checks that the process wrote nothing there: the outdir is neither
-created nor changed, whatever the stage at which the input is found to be bad.
+Every case runs the CLI from a temp folder (in-process through `cli.main`, or as the
+real console script where its exit status, stderr or start-up time is the point) and
+checks that nothing there was written: the outdir is neither created nor changed,
+whatever the stage at which the input is found to be bad.
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ def assert_user_error(run: Run, *fragments: str, preflight: bool = True) -> str:
         (["--max-heads", "-3"], ["key 'max_heads': -3 must be a positive integer"]),
         (["--windows", "-5"], ["key 'windows': -5 must be a positive integer"]),
         (["--topkk", "3"], ["unrecognized arguments: --topkk", "(did you mean --topk?)"]),
+        (["--heads", "L3-H2"], ["key 'heads': 'L3-H2' is not a head name like L17H3"]),
+        (
+            ["--model", BUNDLED, "--heads", "L0H0,L99H0"],
+            ["key 'heads': L99H0 does not exist", "layers 0-29", "heads 0-8"],
+        ),
         (["--windows", "many"], ["--windows", "invalid int value: 'many'"]),
         (["--device", "tpu"], ["--device", "invalid choice: 'tpu'", "cpu", "cuda"]),
         (
@@ -159,8 +165,8 @@ def assert_user_error(run: Run, *fragments: str, preflight: bool = True) -> str:
     ],
     ids=[
         "unknown-source", "topk-0", "max-heads-0", "max-heads-negative", "windows-negative",
-        "misspelled-flag", "not-an-int", "bad-choice", "stackexchange-dir-empty-string",
-        "data-files-extension", "data-files-missing",
+        "misspelled-flag", "head-name-syntax", "head-not-in-model", "not-an-int", "bad-choice",
+        "stackexchange-dir-empty-string", "data-files-extension", "data-files-missing",
     ],
 )  # fmt: skip
 def test_bad_value_or_flag(cli, args, fragments):
@@ -445,3 +451,18 @@ def test_skip_explain_after_cache_with_missing_explanations(cli, tmp_path):
         "explanations.jsonl is missing",
         "run without --skip-explain",
     )
+
+
+def test_unknown_embedding_model_is_refused_before_any_stage(tmp_path, capsys, monkeypatch):
+    from head_explain.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    code = main(["--params", str(REPO / "params.yaml"), "--outdir", str(out),
+                 "--embedding-model", "no-such/embedder-xyz"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert (
+        "key 'embedding_model': 'no-such/embedder-xyz'" in err[0] and "all-MiniLM-L6-v2" in err[0]
+    )
+    assert not out.exists()

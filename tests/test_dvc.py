@@ -68,7 +68,13 @@ def test_repro_then_exp_run_reruns_only_select_onwards(tmp_path):
     first = _run(["dvc", "repro"], repo, env)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first
-    for name in ("windows.parquet", "events.parquet", "scores.parquet", "clusters.json", "report.md"):
+    for name in (
+        "windows.parquet",
+        "events.parquet",
+        "scores.parquet",
+        "clusters.json",
+        "report.md",
+    ):
         assert (repo / "outputs" / name).exists()
     _run([*git, "add", "-A"], repo, env)
     _run([*git, "commit", "-qm", "first run"], repo, env)

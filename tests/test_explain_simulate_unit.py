@@ -55,8 +55,14 @@ def test_explain_prompt_is_versioned_and_lists_examples():
         ),
         ("This head: attends from names to titles. It also...", "attends from names to titles."),
         ("attends from X to Y\nsecond line", "attends from X to Y."),
-        ("attends from the following kinds of tokens:\n - macro tokens\n - x", "attends from macro tokens."),
-        ('attends from the "the" token to the "the" token to the "the" token to the', 'attends from the "the" token to the "the" token.'),
+        (
+            "attends from the following kinds of tokens:\n - macro tokens\n - x",
+            "attends from macro tokens.",
+        ),
+        (
+            'attends from the "the" token to the "the" token to the "the" token to the',
+            'attends from the "the" token to the "the" token.',
+        ),
         ("attends from the [[type]] of <<4>>", "attends from the type of 4."),
         ("attends from the following:\n - [Excerpt 1](https://x.y)", ""),
         ("This head is a language model that attends from a to b. More.", "attends from a to b."),

@@ -216,8 +216,32 @@ def test_key_never_leaks_under_faults(fp, tmp_path, monkeypatch, caplog):
     run(b.aclose())
 
 
+def test_echo_probe_retries_transient_fault(logprob_fp, tmp_path):
+    """The one-off echo probe (run_simulate's method=auto) survives a 503 as well."""
+    fp = logprob_fp
+    b = make_backend(fp, tmp_path, retries=1)
+    fp.plan(status(503))
+    assert b.supports_echo() is True and b.stats.retries == 1
+    assert [r.fault for r in fp.posts("/completions")] == ["status 503", "pass"]
+    b2 = make_backend(fp, tmp_path, retries=1, name="other.sqlite")
+    fp.plan(then=RESET)
+    with pytest.raises(LLMError, match="echo probe.*failed after 1 retries"):
+        b2.supports_echo()
+    assert b2._echo is None  # a transient failure is not remembered as "no echo"
+    run(b.aclose())
+    run(b2.aclose())
+
+
 # --- simulation replies: shape, range, count, unreadable slots ---------------------------
-def test_simulate_chat_rejects_unusable_values(fp, tmp_path):
+@pytest.fixture()
+def logprob_fp(llama_server):
+    """A proxy in front of the --logits_all server (chat top_logprobs need it)."""
+    with FaultProxy(llama_server) as p:
+        yield p
+
+
+def test_simulate_chat_rejects_unusable_values(logprob_fp, tmp_path):
+    fp = logprob_fp
     b = make_backend(fp, tmp_path, retries=4)
     tpl = prompts.load(simulate.CHAT_PROMPT)
     tokens = ["a", " (", " b"]
@@ -246,15 +270,8 @@ def test_simulate_chat_validator_persistent(fp, tmp_path):
     run(b.aclose())
 
 
-@pytest.fixture()
-def echo_fp(llama_server):
-    """A proxy in front of the --logits_all server (prompt logprobs)."""
-    with FaultProxy(llama_server) as p:
-        yield p
-
-
-def test_echo_rejects_unreadable_and_out_of_range_slots(echo_fp, tmp_path):
-    fp = echo_fp
+def test_echo_rejects_unreadable_and_out_of_range_slots(logprob_fp, tmp_path):
+    fp = logprob_fp
     b = make_backend(fp, tmp_path, retries=2)
     assert b.supports_echo()  # the probe passes before any fault is planned
     prompt = "1 2 3 4 5 6 7"

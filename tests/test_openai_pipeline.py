@@ -39,7 +39,9 @@ def _cfg(outdir, url, tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["echo", "chat"])
-def test_explain_and_simulate_through_openai_backend(outdir, llama_server, tmp_path, monkeypatch, method):
+def test_explain_and_simulate_through_openai_backend(
+    outdir, llama_server, tmp_path, monkeypatch, method
+):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = _cfg(outdir, llama_server, tmp_path, method)
     pipeline.preflight(cfg, ["explain", "simulate"])
@@ -64,5 +66,9 @@ def test_explain_and_simulate_through_openai_backend(outdir, llama_server, tmp_p
         for r in scores.itertuples():
             if not math.isfinite(r.score):
                 assert "excerpts failed" in r.error or "constant" in r.error, r.error
-    again = pipeline.run_simulate(cfg)  # everything answered from the cache
-    assert again["llm"]["requests"] == 0 and again["llm"]["cache_hits"] > 0
+    again = pipeline.run_simulate(cfg)  # every usable answer comes from the cache
+    assert again["llm"]["cache_hits"] > 0
+    if method == "echo":
+        assert again["llm"]["requests"] == 0
+    else:  # unusable replies are never cached, so only those are asked again
+        assert again["llm"]["requests"] <= 4 * again["llm"]["failures"]

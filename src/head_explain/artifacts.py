@@ -61,8 +61,8 @@ def ensure_outdir(outdir: str | Path) -> Path:
     path = Path(outdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True):
+            pass
     except OSError as exc:
         raise ConfigError(
             f"key 'outdir': '{path}' is not a writable folder ({exc.strerror})"
@@ -145,7 +145,9 @@ def read_parquet(
     try:
         meta = read_meta(path)
     except Exception as exc:  # corrupt or not parquet
-        raise ArtifactError(f"{path} is not a readable parquet file ({exc}); rerun '{stage}'")
+        raise ArtifactError(
+            f"{path} is not a readable parquet file ({exc}); rerun '{stage}'"
+        ) from None
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(
             f"{path} has schema version {meta.get('schema_version')!r}, this version reads "

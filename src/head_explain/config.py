@@ -190,10 +190,20 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if choices and value not in choices:
             raise ConfigError(f"key '{name}': {value!r} is not one of {', '.join(choices)}")
-    positive = (
-        "windows window_len batch_size max_heads candidates max_events_per_window "
-        "top_sources topk explain_examples excerpt_len llm_concurrency min_cluster_size"
-    ).split()
+    positive = [
+        "windows",
+        "window_len",
+        "batch_size",
+        "max_heads",
+        "candidates",
+        "max_events_per_window",
+        "top_sources",
+        "topk",
+        "explain_examples",
+        "excerpt_len",
+        "llm_concurrency",
+        "min_cluster_size",
+    ]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"key '{name}': {getattr(cfg, name)} must be a positive integer")

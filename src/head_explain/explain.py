@@ -58,10 +58,13 @@ def build_messages(template: PromptTemplate, head_events: pd.DataFrame) -> list[
 
 def pair_line(tokens: list[str], dest: int, srcs: list[int]) -> str:
     """'Pair: from "x" to "a", "b"': the event spelled out, which small models need."""
-    names = [f'"{show_token(tokens[s]).strip() or show_token(tokens[s])}"' for s in srcs if s != dest]
+    names = [
+        f'"{show_token(tokens[s]).strip() or show_token(tokens[s])}"' for s in srcs if s != dest
+    ]
     target = ", ".join(names) if names else "earlier tokens outside the excerpt"
-    return f'Pair: from "{show_token(tokens[dest]).strip() or show_token(tokens[dest])}" to {target}'
-
+    return (
+        f'Pair: from "{show_token(tokens[dest]).strip() or show_token(tokens[dest])}" to {target}'
+    )
 
 
 def parse_explanation(text: str) -> str:
@@ -123,7 +126,9 @@ async def explain_head(
         prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
         latency_s=round(res.latency_s, 3), cost_usd=res.cost_usd, raw=res.text,
     )  # fmt: skip
-    row["explanation"] = parse_explanation(f"{PREFILL} {res.text.lstrip()}" if prefill else res.text)
+    row["explanation"] = parse_explanation(
+        f"{PREFILL} {res.text.lstrip()}" if prefill else res.text
+    )
     if not row["explanation"]:
         row["error"] = "empty or unusable explanation"
     return row

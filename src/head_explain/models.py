@@ -170,7 +170,6 @@ def resolve_dtype(dtype: str, device: str):
 
 def load_bridge(name: str, device: str = "auto", dtype: str = "auto"):
     """Boot a TransformerBridge for `name` on `device`; returns (bridge, tokenizer)."""
-    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
     dev = resolve_device(device)

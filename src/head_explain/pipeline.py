@@ -94,6 +94,10 @@ def preflight(cfg: Config, stages: list[str]) -> None:
     from head_explain import models
 
     _check_writable(cfg.outdir)
+    if "cluster" in stages:
+        from head_explain.cluster import check_embedding_model
+
+        check_embedding_model(cfg.embedding_model)
     # Cheapest first: the corpus paths need no torch import, the model checks do.
     if "sample" in stages:
         for src in source_list(cfg):
@@ -307,8 +311,9 @@ def run_explain(cfg: Config) -> dict[str, Any]:
             bar.close()
     ordered = [rows[k] for k in sorted(rows)]
     art.write_jsonl(final, ordered)
-    partial.unlink(missing_ok=True)
     failed = [r for r in ordered if r["error"]]
+    if not failed:  # kept otherwise: a rerun with llm_cache=off still skips finished heads
+        partial.unlink(missing_ok=True)
     metrics = {"heads": len(ordered), "failed": len(failed), "resumed": len(done),
                "prompt_version": template.name, "prompt_sha": template.sha, **_llm_metrics(backend)}  # fmt: skip
     write_stage_metrics(cfg, "explain", metrics)

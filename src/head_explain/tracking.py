@@ -43,6 +43,9 @@ def _quiet() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # mlflow installs its own INFO handler at import ("Creating initial MLflow database
+    # tables"); this env var is what it reads for that handler's level.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

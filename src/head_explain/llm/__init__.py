@@ -83,13 +83,11 @@ def check_ready(cfg: Config) -> None:
     OPENAI_API_KEY; any endpoint must answer GET /models within a few seconds and must
     not reject the key. The cache file must be usable in both cases.
     """
-    cache = open_cache(cfg.llm_cache)
-    if cache is not None:
-        cache.close()
     if cfg.llm == "embedded":
         from head_explain.models import bundled_gguf
 
         bundled_gguf()
+        _check_cache(cfg)
         return
     if cfg.llm != "openai":
         raise ConfigError(f"key 'llm': {cfg.llm!r} is not one of embedded, openai")
@@ -105,6 +103,7 @@ def check_ready(cfg: Config) -> None:
     key = api_key_for(url)
     if key is None:
         raise LLMError(missing_key_message())
+    _check_cache(cfg)  # after the key check: a refused run creates no cache file
     import httpx
 
     timeout = min(READY_TIMEOUT_S, cfg.llm_timeout_s)
@@ -124,3 +123,9 @@ def check_ready(cfg: Config) -> None:
             f"{named} rejected the API key (HTTP {resp.status_code}); check OPENAI_API_KEY"
         )
     log.info("LLM endpoint %s answers (HTTP %d)", url, resp.status_code)
+
+
+def _check_cache(cfg: Config) -> None:
+    cache = open_cache(cfg.llm_cache)
+    if cache is not None:
+        cache.close()
