@@ -40,7 +40,9 @@ demo: $(VENV)/.installed
 	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff format --check --quiet src stages tests benchmarks
+	$(BIN)/ruff check --quiet src stages tests benchmarks
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check src stages tests benchmarks
