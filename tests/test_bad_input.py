@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import zstandard
+from helpers import head_explain_command
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -31,13 +30,7 @@ LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) \S+: ")
 
 
 def _command() -> list[str]:
-    script = Path(sys.executable).with_name("head-explain")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("head-explain")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from head_explain.cli import main; sys.exit(main())"]
+    return head_explain_command()
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import head_explain_command
 
 from head_explain import config
 
@@ -40,13 +39,7 @@ pytestmark = pytest.mark.slow
 
 
 def _command() -> list[str]:
-    script = Path(sys.executable).with_name("head-explain")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("head-explain")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from head_explain.cli import main; sys.exit(main())"]
+    return head_explain_command()
 
 
 class Workspace:

@@ -107,16 +107,21 @@ def bos_id(tokenizer) -> int | None:
     return None
 
 
-def context_length(name: str) -> int:
-    """The model's maximum context, read from its config (no weights loaded)."""
+def _model_config(name: str):
+    """The model's HF config, read without loading weights."""
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(resolve_source(name))
+        return AutoConfig.from_pretrained(resolve_source(name))
     except ConfigError:
         raise
     except Exception as exc:
         raise _offline_error(name, exc) from None
+
+
+def context_length(name: str) -> int:
+    """The model's maximum context, read from its config (no weights loaded)."""
+    cfg = _model_config(name)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
@@ -125,14 +130,7 @@ def context_length(name: str) -> int:
 
 def head_shape(name: str) -> tuple[int, int] | None:
     """(layers, heads per layer) from the model's config (no weights); None if unnamed."""
-    from transformers import AutoConfig
-
-    try:
-        cfg = AutoConfig.from_pretrained(resolve_source(name))
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise _offline_error(name, exc) from None
+    cfg = _model_config(name)
     layers = next(
         (getattr(cfg, k) for k in ("num_hidden_layers", "n_layer") if getattr(cfg, k, None)), None
     )

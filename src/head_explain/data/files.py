@@ -63,24 +63,27 @@ def iter_jsonl(name: str) -> Iterator[Document]:
                 yield Document(SOURCE, f"{name}:{lineno}", text)
 
 
-def iter_parquet(name: str) -> Iterator[Document]:
+def iter_text_column(path: str | Path) -> Iterator[str | None]:
+    """The `text` column of a parquet file, streamed in row batches (shared with wikitext)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(name)
+        pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"'{name}' is not a readable parquet file ({exc})") from None
+        raise DataError(f"'{path}' is not a readable parquet file ({exc})") from None
     if "text" not in pf.schema_arrow.names:
         raise DataError(
-            f"'{name}' has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})"
+            f"'{path}' has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})"
         )
-    row = 0
     for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["text"]):
-        for text in batch.column(0).to_pylist():
-            if isinstance(text, str) and text.strip():
-                yield Document(SOURCE, f"{name}:{row}", text)
-            row += 1
+        yield from batch.column(0).to_pylist()
+
+
+def iter_parquet(name: str) -> Iterator[Document]:
+    for row, text in enumerate(iter_text_column(name)):
+        if isinstance(text, str) and text.strip():
+            yield Document(SOURCE, f"{name}:{row}", text)
 
 
 def iter_files(cfg: Config) -> Iterator[Document]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from head_explain.data import Document
+from head_explain.data.files import iter_text_column
 from head_explain.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -90,20 +91,8 @@ def parquet_files(root: Path, config: str, split: str) -> list[Path]:
 
 
 def iter_parquet_rows(files: list[Path]) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     for path in files:
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"'{path}' is not a readable parquet file ({exc})") from None
-        if "text" not in pf.schema_arrow.names:
-            raise DataError(
-                f"'{path}' has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})"
-            )
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["text"]):
-            yield from batch.column(0).to_pylist()
+        yield from iter_text_column(path)
 
 
 def load_hf_split(config: str, split: str, cache_dir: str | None = None):
