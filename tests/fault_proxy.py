@@ -17,10 +17,11 @@ check's /models) always pass. Faults:
 `down()` stops listening (connections are refused, as when the server is gone) and
 `up()` listens again on the same port. Every request is recorded in `proxy.records`.
 
-The harness (`ExplainRun`) writes a params file, runs the explain stage as a subprocess
-(the DVC entry point `stage_main`), and reads back its metrics and explanations; the
-kill-and-resume scenario lives here so that tests/test_resume.py and
-benchmarks/bench_resume.py run the same thing.
+The harness (`ExplainRun`, `SimulateRun`) writes a params file, runs one stage as a
+subprocess (the DVC entry point `stage_main`), and reads back its metrics and outputs;
+the kill-and-resume scenarios (`kill_and_resume` for explain, `kill_and_resume_simulate`
+for simulate) live here so that tests/test_resume.py and benchmarks/bench_resume.py run
+the same thing.
 """
 
 from __future__ import annotations
@@ -360,10 +361,15 @@ class FaultProxy:
         await writer.drain()
 
 
-# --- the explain-stage harness -----------------------------------------------------------
-STAGE_CODE = (
-    "import sys; from head_explain.cli import stage_main; stage_main('explain', sys.argv[1])"
-)
+# --- the stage harness -------------------------------------------------------------------
+def stage_code(stage: str) -> str:
+    """`python -c` code running one stage as DVC does (params file in argv[1])."""
+    return (
+        f"import sys; from head_explain.cli import stage_main; stage_main({stage!r}, sys.argv[1])"
+    )
+
+
+STAGE_CODE = stage_code("explain")
 
 
 @dataclass
@@ -373,8 +379,10 @@ class StageResult:
     seconds: float
 
 
-class ExplainRun:
-    """One outdir + params file for the explain stage against an OpenAI-compatible URL."""
+class StageRun:
+    """One outdir + params file for one LLM stage against an OpenAI-compatible URL."""
+
+    stage = "explain"
 
     def __init__(self, outdir: Path, base_url: str, cache: Path, **overrides: Any):
         from llama_server import PREP_ARGS, REPO, SERVER_MODEL
@@ -399,7 +407,7 @@ class ExplainRun:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HEAD_EXPLAIN_PROGRESS": "0"}
         env.pop("OPENAI_BASE_URL", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", STAGE_CODE, str(self.params)], env=env,
+            [sys.executable, "-c", stage_code(self.stage), str(self.params)], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         return self.proc
@@ -412,7 +420,9 @@ class ExplainRun:
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
-            raise AssertionError(f"explain stage ran past {timeout_s}s:\n{err[-3000:]}") from None
+            raise AssertionError(
+                f"{self.stage} stage ran past {timeout_s}s:\n{err[-3000:]}"
+            ) from None
         return StageResult(proc.returncode, err, time.monotonic() - t0)
 
     def kill(self) -> None:
@@ -421,6 +431,23 @@ class ExplainRun:
         self.proc.communicate()
 
     # --- what it left --------------------------------------------------------------
+    def metrics(self) -> dict:
+        return json.loads((self.outdir / "metrics" / f"{self.stage}.json").read_text())
+
+    def cache_rows(self, unusable: bool | None = None) -> int:
+        """Rows in the LLM cache (only those marked unusable, or only usable ones)."""
+        if not self.cache.exists():
+            return 0
+        where = {None: "", True: " WHERE unusable IS NOT NULL", False: " WHERE unusable IS NULL"}
+        with contextlib.closing(sqlite3.connect(self.cache)) as conn:
+            return conn.execute(f"SELECT COUNT(*) FROM responses{where[unusable]}").fetchone()[0]
+
+
+class ExplainRun(StageRun):
+    """The explain stage; it keeps finished heads in a partial file while it runs."""
+
+    stage = "explain"
+
     @property
     def partial(self) -> Path:
         return self.outdir / ".explanations.jsonl.partial"
@@ -441,14 +468,52 @@ class ExplainRun:
     def explanations(self) -> dict[tuple[int, int], str]:
         return {(r["layer"], r["head"]): r["explanation"] for r in self.rows()}
 
-    def metrics(self) -> dict:
-        return json.loads((self.outdir / "metrics" / "explain.json").read_text())
 
-    def cache_rows(self) -> int:
-        if not self.cache.exists():
-            return 0
-        with contextlib.closing(sqlite3.connect(self.cache)) as conn:
-            return conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+class SimulateRun(StageRun):
+    """The simulate stage (echo scoring unless overridden: method=auto would probe the
+    endpoint on every run, cached or not); its outdir needs events.parquet and
+    explanations.jsonl (`copy_explained`)."""
+
+    stage = "simulate"
+
+    def __init__(self, outdir: Path, base_url: str, cache: Path, **overrides: Any):
+        super().__init__(outdir, base_url, cache, **{"simulation_method": "echo", **overrides})
+
+    def scores(self):
+        import pandas as pd
+
+        return pd.read_parquet(self.outdir / "scores.parquet")
+
+
+SCORE_COLUMNS = ("score", "score_top", "score_random", "baseline_score")
+
+
+def copy_explained(explained: Path, outdir: Path) -> Path:
+    """A fresh outdir holding what the simulate stage reads."""
+    import shutil
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for name in ("events.parquet", "explanations.jsonl"):
+        shutil.copy2(Path(explained) / name, outdir / name)
+    return outdir
+
+
+def score_differences(a, b) -> list[str]:
+    """How two scores.parquet frames differ: same heads in the same order, every score
+    column equal within 1e-9 and NaN exactly where the other is NaN. [] if they agree."""
+    import math
+
+    out = []
+    keys_a = list(zip(a["layer"], a["head"], strict=True))
+    keys_b = list(zip(b["layer"], b["head"], strict=True))
+    if keys_a != keys_b:
+        return [f"heads differ: {keys_a} vs {keys_b}"]
+    for col in SCORE_COLUMNS:
+        for key, x, y in zip(keys_a, a[col], b[col], strict=True):
+            if math.isnan(x) != math.isnan(y) or (not math.isnan(x) and abs(x - y) > 1e-9):
+                out.append(f"{col} of {key}: {x!r} vs {y!r}")
+    return out
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
@@ -526,4 +591,72 @@ def kill_and_resume(
     out["rerun"] = run.metrics()
     out["rerun_posts"] = len(proxy.posts("/chat/completions"))
     out["rerun_explanations"] = run.explanations()
+    return out
+
+
+def kill_and_resume_simulate(
+    explained: Path, workdir: Path, proxy: FaultProxy, kill_after: int = 5
+) -> dict[str, Any]:
+    """The kill-and-resume scenario for the simulate stage against `proxy` (-> a llama.cpp
+    server with --logits_all), on an outdir holding events.parquet and explanations.jsonl:
+
+    1. a clean run (own cache) gives the reference scores and N requests;
+    2. a second run (own cache) is SIGKILLed once `kill_after` calls are answered and
+       cached, with the next one in flight (held at the proxy; one request at a time);
+    3. the same run again: it should pay only for the calls not cached at the kill;
+    4. a third run repeats everything from the cache: 0 requests.
+    The echo probe (a one-token /completions request, not counted in llm.requests) is
+    sent once by every run that scores anything; `*_posts` count it separately.
+    """
+    out: dict[str, Any] = {}
+
+    def finished(run: SimulateRun, what: str) -> StageResult:
+        res = run.run()
+        if res.returncode != 0:
+            raise AssertionError(f"{what} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+        return res
+
+    proxy.reset_records()
+    proxy.plan()
+    clean = SimulateRun(copy_explained(explained, workdir / "sim_clean"), proxy.url,
+                        workdir / "sim_clean.sqlite")  # fmt: skip
+    out["clean_s"] = finished(clean, "clean simulate run").seconds
+    out["clean"] = clean.metrics()
+    out["clean_scores"] = clean.scores()
+    out["clean_posts"] = len(proxy.posts("/completions"))
+    out["clean_cache_rows"] = clean.cache_rows()
+
+    proxy.reset_records()
+    proxy.plan(*[PASS] * (1 + kill_after), then=HOLD)  # the echo probe, then `kill_after` calls
+    run = SimulateRun(copy_explained(explained, workdir / "sim_killed"), proxy.url,
+                      workdir / "sim_killed.sqlite")  # fmt: skip
+    t0 = time.monotonic()
+    run.start()
+    try:
+        wait_until(lambda: run.cache_rows() >= kill_after and proxy.held > 0, 180,
+                   f"{kill_after} cached calls and a held request")  # fmt: skip
+    except AssertionError:
+        run.kill()
+        raise
+    run.kill()
+    out["killed_s"] = time.monotonic() - t0
+    out["killed_posts"] = len(proxy.posts("/completions"))
+    out["cached_at_kill"] = run.cache_rows()
+    out["final_after_kill"] = (run.outdir / "scores.parquet").exists()
+    wait_until(lambda: proxy.held == 0, 10, "the proxy to drop the killed run's request")
+    out["dropped"] = sum(r.outcome == "dropped" for r in proxy.posts())
+
+    proxy.reset_records()
+    proxy.plan()
+    proxy.release()
+    out["resumed_s"] = finished(run, "resumed simulate run").seconds
+    out["resumed"] = run.metrics()
+    out["resumed_posts"] = len(proxy.posts("/completions"))
+    out["resumed_scores"] = run.scores()
+
+    proxy.reset_records()
+    out["rerun_s"] = finished(run, "third simulate run").seconds
+    out["rerun"] = run.metrics()
+    out["rerun_posts"] = len(proxy.posts())
+    out["rerun_scores"] = run.scores()
     return out

@@ -2,8 +2,10 @@
 
 Every fault class is met twice: once transient (the call survives with bounded, jittered
 retries, the answer equals a fault-free one, and only it is cached) and once persistent
-(exactly max_retries + 1 requests, then one LLMError; nothing cached; a head that meets
-it is a recorded failure, never a crash or a zero score). Then whole explain stages:
+(exactly max_retries + 1 requests, then one LLMError; a head that meets it is a recorded
+failure, never a crash or a zero score). A persistent transport fault leaves nothing in
+the cache (a rerun asks again); persistently unusable content is remembered as one row
+marked unusable, so the same call again fails at once and sends nothing. Then whole explain stages:
 too many failed heads (exit 1, valid and resumable artifacts) and the server killed
 mid-stage (recorded failures; once it is back a rerun pays only for what was missing).
 """
@@ -88,6 +90,28 @@ def cache_values(path) -> list[str]:
         return [v for (v,) in conn.execute("SELECT value FROM responses")]
 
 
+def cache_verdicts(path) -> list[str | None]:
+    """Per row: NULL for a usable reply, else why it was remembered as unusable."""
+    with sqlite3.connect(path) as conn:
+        return [u for (u,) in conn.execute("SELECT unusable FROM responses")]
+
+
+def assert_remembered(b, fp, path, call, reason: str) -> None:
+    """After a persistent unusable-content failure: one row marked unusable, and the
+    same call again raises at once (a cache hit and a failure) with no request."""
+    assert cache_verdicts(path) == [reason]
+    before = b.stats.as_dict()
+    fp.reset_records()
+    with pytest.raises(LLMError, match=r"unusable reply \(cached\): ") as info:
+        run(call())
+    assert reason in str(info.value) and "\n" not in str(info.value)
+    assert fp.posts() == []  # nothing sent
+    after = b.stats.as_dict()
+    assert after["requests"] == before["requests"] and after["retries"] == before["retries"]
+    assert after["cache_hits"] == before["cache_hits"] + 1
+    assert after["failures"] == before["failures"] + 1
+
+
 def nonempty(res) -> None:
     if not res.text.strip():
         raise ValueError("empty reply")
@@ -163,7 +187,82 @@ def test_persistent_fault_gives_up_after_budget(fp, tmp_path, fault):
         assert all(1.0 <= d <= 1.1 for d in b.delays)
     else:  # exponential, jittered: [0.25, 0.5] then [0.5, 1.0]
         assert 0.25 <= b.delays[0] <= 0.5 and 0.5 <= b.delays[1] <= 1.0
-    assert cache_values(tmp_path / "cache.sqlite") == []  # nothing unusable is stored
+    if fault.kind == "mutate":  # the last reply is remembered, marked unusable
+        assert_remembered(b, fp, tmp_path / "cache.sqlite",
+                          lambda: b.chat(MSG, max_tokens=4, validate=nonempty), "empty reply")  # fmt: skip
+    else:
+        assert cache_values(tmp_path / "cache.sqlite") == []  # a transport error: nothing
+    run(b.aclose())
+
+
+def test_transport_failure_is_not_remembered(fp, tmp_path, reference):
+    """A call that gave up on 503s is asked again by the next call (and then cached)."""
+    b = make_backend(fp, tmp_path, retries=1)
+    fp.plan(status(503), status(503))
+    with pytest.raises(LLMError, match="failed after 1 retries"):
+        run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    assert cache_values(tmp_path / "cache.sqlite") == []
+    res = run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    assert res.text == reference and not res.cached and len(fp.posts()) == 3
+    assert cache_verdicts(tmp_path / "cache.sqlite") == [None]
+    run(b.aclose())
+
+
+def test_verdict_is_read_only_by_fresh_calls_and_replaced_by_a_usable_reply(
+    fp, tmp_path, reference
+):
+    """Two calls with one key, one request at a time: A's retries run out (its last
+    reply is remembered as unusable) while B is between its own tries. B's retry is not
+    cut short by A's verdict, and B's usable reply replaces it for every later call."""
+    path = tmp_path / "cache.sqlite"
+    b = make_backend(fp, tmp_path, retries=1)
+    b._concurrency = 1
+
+    async def tick(s: float) -> None:  # equal waits: the calls alternate, A first
+        b.delays.append(s)
+        await asyncio.sleep(0.01)
+
+    b.sleep = tick
+    empty = mutate(chat_content(""), "empty")
+    fp.plan(empty, empty, empty)  # A, B, A; then B passes
+
+    async def both():
+        return await asyncio.gather(
+            b.chat(MSG, max_tokens=4, validate=nonempty),
+            b.chat(MSG, max_tokens=4, validate=nonempty),
+            return_exceptions=True,
+        )
+
+    a, bb = run(both())
+    assert isinstance(a, LLMError) and "unusable reply after 2 tries: empty reply" in str(a)
+    assert not isinstance(bb, Exception) and bb.text == reference and not bb.cached
+    assert [r.fault for r in fp.posts()] == ["empty", "empty", "empty", "pass"]
+    assert cache_verdicts(path) == [None]  # B's answer replaced A's verdict
+    c = run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    assert c.cached and c.text == reference and len(fp.posts()) == 4
+    assert (b.stats.requests, b.stats.failures, b.stats.cache_hits) == (2, 1, 1)
+    run(b.aclose())
+
+
+def test_old_cache_file_gains_the_unusable_column(fp, tmp_path, reference):
+    """A cache written before verdicts existed keeps working: its rows stay usable hits,
+    and a verdict can be stored in it."""
+    path = tmp_path / "cache.sqlite"
+    b = make_backend(fp, tmp_path)
+    run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    run(b.aclose())
+    with sqlite3.connect(path) as conn:  # back to the old layout, row kept
+        conn.execute("CREATE TABLE old AS SELECT key, value, created FROM responses")
+        conn.execute("DROP TABLE responses")
+        conn.execute("ALTER TABLE old RENAME TO responses")
+    fp.reset_records()
+    b = make_backend(fp, tmp_path)
+    hit = run(b.chat(MSG, max_tokens=4, validate=nonempty))
+    assert hit.cached and hit.text == reference and fp.posts() == []
+    fp.plan(then=mutate(chat_content(""), "empty"))
+    with pytest.raises(LLMError, match="unusable reply after 3 tries"):
+        run(b.chat(MSG, max_tokens=5, validate=nonempty))
+    assert sorted(cache_verdicts(path), key=lambda v: v or "") == [None, "empty reply"]
     run(b.aclose())
 
 
@@ -208,11 +307,20 @@ def test_key_never_leaks_under_faults(fp, tmp_path, monkeypatch, caplog):
 
     with pytest.raises(LLMError) as info2:
         run(b.chat(MSG, max_tokens=4, validate=reject))
-    text = str(info.value) + str(info2.value) + caplog.text
+    fp.plan(then=mutate(chat_content(f"my key is {KEY}"), "key in every reply"))
+    with pytest.raises(LLMError) as info3:  # the remembered (last) reply quotes the key
+        run(b.chat(MSG, max_tokens=6, validate=reject))
+    with pytest.raises(LLMError, match=r"unusable reply \(cached\)") as info4:
+        run(b.chat(MSG, max_tokens=6, validate=reject))
+    assert any("***" in (v or "") for v in cache_verdicts(tmp_path / "cache.sqlite"))
+    text = str(info.value) + str(info2.value) + str(info3.value) + str(info4.value)
+    text += caplog.text
     assert "503" in str(info.value) and "unusable reply" in str(info2.value)
     assert KEY not in text and KEY[:12] not in text and KEY[-12:] not in text
     for value in cache_values(tmp_path / "cache.sqlite"):
         assert KEY not in value
+    for verdict in cache_verdicts(tmp_path / "cache.sqlite"):  # reasons quote replies
+        assert verdict is None or (KEY not in verdict and KEY[:12] not in verdict)
     run(b.aclose())
 
 
@@ -266,7 +374,14 @@ def test_simulate_chat_validator_persistent(fp, tmp_path):
     fp.plan(then=mutate(chat_content("[0, 9]"), "wrong count"))
     with pytest.raises(LLMError, match="unusable reply after 3 tries: reply has 2 values for 3"):
         run(b.chat(MSG, max_tokens=4, validate=lambda r: simulate.chat_values(r, 3)))
-    assert len(fp.posts()) == 3 and cache_values(tmp_path / "cache.sqlite") == []
+    assert len(fp.posts()) == 3
+    (value,) = cache_values(tmp_path / "cache.sqlite")  # the last reply, marked unusable
+    assert json.loads(value)["text"] == "[0, 9]"
+    assert_remembered(
+        b, fp, tmp_path / "cache.sqlite",
+        lambda: b.chat(MSG, max_tokens=4, validate=lambda r: simulate.chat_values(r, 3)),
+        "reply has 2 values for 3 tokens",
+    )  # fmt: skip
     run(b.aclose())
 
 
@@ -314,9 +429,18 @@ def test_explain_head_records_persistent_failure(fp, tmp_path, head_events, faul
     row = run(explain.explain_head(b, prompts.load(explain.PROMPT), layer, head, grp, 40))
     assert row["explanation"] == "" and row["raw"] is None
     assert row["error"].startswith("LLMError: ") and len(fp.posts()) == 2
-    if fault.kind == "mutate":
+    if fault.kind != "mutate":
+        assert cache_values(tmp_path / "cache.sqlite") == []  # a rerun asks again
+    else:
         assert "unusable reply after 2 tries: empty or unusable explanation" in row["error"]
-    assert cache_values(tmp_path / "cache.sqlite") == []
+        (verdict,) = cache_verdicts(tmp_path / "cache.sqlite")
+        assert verdict.startswith("empty or unusable explanation")
+        fp.reset_records()  # the head again: the same recorded failure, nothing sent
+        again = run(explain.explain_head(b, prompts.load(explain.PROMPT), layer, head, grp, 40))
+        assert again["explanation"] == "" and fp.posts() == []
+        assert again["error"].startswith("LLMError: ")
+        assert "unusable reply (cached): empty or unusable explanation" in again["error"]
+        assert (b.stats.cache_hits, b.stats.failures, b.stats.requests) == (1, 2, 1)
     run(b.aclose())
 
 
@@ -362,7 +486,9 @@ def test_stage_exits_1_over_max_failed_fraction_and_reruns_from_cache(
     assert (m["heads"], m["failed"]) == (4, 3)
     assert m["llm"]["requests"] == 4 and m["llm"]["retries"] == 3 and m["llm"]["failures"] == 3
     assert len(fp.posts("/chat/completions")) == 1 + 3 * 2
-    assert stage.cache_rows() == 1 and not stage.partial.exists()
+    # finished heads stay in the partial file while any head failed (resumable even
+    # with llm_cache=off)
+    assert stage.cache_rows() == 1 and len(stage.partial_rows()) == 4
 
     # Below the threshold: exit 0, the failure recorded. Only the 3 failed heads are paid.
     fp.reset_records()
@@ -370,7 +496,8 @@ def test_stage_exits_1_over_max_failed_fraction_and_reruns_from_cache(
     res = stage.run()
     assert res.returncode == 0, res.stderr[-2000:]
     m = stage.metrics()
-    assert (m["failed"], m["llm"]["requests"], m["llm"]["cache_hits"]) == (1, 3, 1)
+    # the finished head comes back from the partial file: no request, no cache lookup
+    assert (m["failed"], m["llm"]["requests"], m["resumed"]) == (1, 3, 1)
     assert len(fp.posts("/chat/completions")) == 2 + 2
 
     fp.reset_records()  # and once the endpoint is healthy, only the last one
@@ -407,4 +534,4 @@ def test_server_killed_mid_stage_then_rerun_from_cache(
     assert res.returncode == 0, res.stderr[-2000:]
     m = stage.metrics()
     assert m["failed"] == 0 and m["llm"]["requests"] == failed
-    assert m["llm"]["cache_hits"] == done  # finished calls were not repeated
+    assert m["resumed"] == done  # finished calls were not repeated (partial file)

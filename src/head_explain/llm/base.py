@@ -6,13 +6,17 @@ over "0".."10" at given places of one prompt, the cheaper and more faithful meth
 where the endpoint can score prompts). The base class owns what must not differ
 between backends: the response cache, the statistics, the validation of inputs, and
 the validation of replies: a caller's `validate` rejects an unusable reply (empty,
-wrong shape, out of range) by raising ValueError; such a reply is never cached and the
-call is retried within the same retry budget as transient errors (`RetryBudget`).
+wrong shape, out of range) by raising ValueError; such a reply is not cached as an
+answer and the call is retried within the same retry budget as transient errors
+(`RetryBudget`). When the budget runs out on a rejected reply (not on a transport
+error), that reply is remembered in the cache as unusable, with the reason: a later
+call with the same key fails at once without a request (see llm/cache.py for why).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
@@ -224,14 +228,26 @@ class LLMBackend(ABC):
         payload: dict[str, Any],
         parse: Callable[[dict], R],
         validate: Callable[[R], None] | None,
+        op: str,
     ) -> tuple[str | None, R | None]:
-        """(cache key, the cached result if there is a usable one)."""
+        """(cache key, the cached result if there is a usable one). A key remembered as
+        unusable raises its LLMError here: a cache hit and a failure, no request."""
         if self._cache is None:
             return None, None
         key = cache_key({**self.identity(), **payload})
-        hit = self._cache.get(key)
-        if hit is None:
+        entry = self._cache.entry(key)
+        if entry is None:
             return key, None
+        if entry.unusable is not None:
+            self.stats.cache_hits += 1
+            self.stats.failures += 1
+            raise LLMError(
+                self._redact(
+                    f"{op} (model '{self.model}'): unusable reply (cached): "
+                    f"{' '.join(entry.unusable.split())}"
+                )[:500]
+            )
+        hit = entry.value
         try:
             res = parse(hit)
             if validate is not None:
@@ -261,7 +277,9 @@ class LLMBackend(ABC):
         key: str | None,
     ) -> R:
         """One logical call: request, account, validate, retry an unusable reply within
-        the shared budget, cache only a usable reply. Every failure is one LLMError."""
+        the shared budget, cache a usable reply. Every failure is one LLMError; when the
+        budget runs out on a rejected reply, that reply is cached as unusable (a verdict
+        only a fresh call reads: the retries here never consult the cache)."""
         self.stats.requests += 1
         budget = RetryBudget(max(0, int(self.max_retries)))
         token = _BUDGET.set(budget)
@@ -273,6 +291,7 @@ class LLMBackend(ABC):
                 if why is None:
                     break
                 if budget.left <= 0:
+                    self._remember_unusable(key, res, why)
                     raise LLMError(
                         self._redact(
                             f"{op} (model '{self.model}'): unusable reply after "
@@ -299,6 +318,18 @@ class LLMBackend(ABC):
             self._cache.put(key, res.to_json())  # type: ignore[attr-defined]
         return res
 
+    def _remember_unusable(self, key: str | None, res: Any, why: str) -> None:
+        """Store the last rejected reply as this key's verdict (redacted: it is kept for
+        diagnosis only, never returned). A cache that cannot take it only costs a repeat
+        request on the next run, so it never fails the call."""
+        if key is None or self._cache is None:
+            return
+        try:
+            value = json.loads(self._redact(json.dumps(res.to_json(), ensure_ascii=False)))
+            self._cache.put_unusable(key, value, self._redact(" ".join(why.split())))
+        except Exception as exc:  # the call's own error is what matters
+            log.warning("could not remember unusable reply %s: %s", key[:12], exc)
+
     def _account(self, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
@@ -316,8 +347,10 @@ class LLMBackend(ABC):
         """One chat completion; a cached answer comes back with cached=True.
 
         `validate(result)` raising ValueError marks a reply unusable: it is not cached
-        and the call is retried; when the retries are spent, LLMError("unusable reply
-        after N tries: <reason>"). A cached reply it rejects is asked for again.
+        as an answer and the call is retried; when the retries are spent, LLMError
+        ("unusable reply after N tries: <reason>") and the last reply is remembered as
+        unusable, so the same call later raises LLMError("unusable reply (cached):
+        <reason>") without a request. A cached usable reply it rejects is asked again.
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
@@ -329,7 +362,9 @@ class LLMBackend(ABC):
             "temperature": float(temperature),
             "top_logprobs": int(top_logprobs),
         }
-        key, hit = self._cached(payload, lambda d: ChatResult.from_json(d, cached=True), validate)
+        key, hit = self._cached(
+            payload, lambda d: ChatResult.from_json(d, cached=True), validate, "chat"
+        )
         if hit is not None:
             return hit
         return await self._fetch(
@@ -363,7 +398,9 @@ class LLMBackend(ABC):
             "slot_offsets": slot_offsets,
             "candidates": list(candidates),
         }
-        key, hit = self._cached(payload, lambda d: ScoreResult.from_json(d, cached=True), validate)
+        key, hit = self._cached(
+            payload, lambda d: ScoreResult.from_json(d, cached=True), validate, "score_prompt"
+        )
         if hit is not None:
             return hit
         return await self._fetch(

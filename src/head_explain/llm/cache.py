@@ -8,6 +8,22 @@ prompt, model, endpoint or decoding setting is a miss, never a stale hit.
 SQLite in WAL mode with one commit per insert: several processes (DVC stages, parallel
 experiments) may write at once, and a process killed at any instant leaves at most its
 last row unwritten, never a corrupt file. API keys are never part of a key or a value.
+
+Unusable replies (a caller's validator rejected them) are remembered too, as verdicts.
+When a call has spent its whole retry budget and its last try was a reply the validator
+rejected (not a transport error), that reply is stored under the call's key with the
+`unusable` column holding the reason. Why: at temperature 0 the endpoint gives the same
+unusable reply again, so asking on every rerun would pay for a known bad answer each
+time ("nothing is paid for twice"; a rerun with unchanged prompts makes no requests).
+A later call with that key fails at once with the same reason, as a cache hit and a
+failure, and sends nothing. A usable reply stored later for the key replaces the
+verdict. Transport failures (429, 5xx, timeouts, resets) are never stored: a rerun asks
+again. To ask again for a remembered unusable reply, delete the cache file (or use
+another one) or set llm_cache=off.
+
+Schema: responses(key, value, created, unusable); `unusable` is NULL for a usable reply.
+A file written before the column existed gains it on open (its rows stay usable); code
+that predates the column reads a verdict's value as a reply and re-validates it.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import os
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +74,14 @@ def resolve_path(setting: str) -> Path | None:
     return Path(setting).expanduser() if setting else default_path()
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """One stored row: the reply's JSON and, for a remembered unusable reply, why."""
+
+    value: dict[str, Any]
+    unusable: str | None = None
+
+
 class LLMCache:
     """A key -> JSON value store; safe for threads, processes and kills."""
 
@@ -75,14 +100,29 @@ class LLMCache:
             self._retry(
                 lambda: self._conn.execute(
                     "CREATE TABLE IF NOT EXISTS responses ("
-                    " key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)"
+                    " key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL,"
+                    " unusable TEXT)"
                 )
             )
+            self._migrate()
         except (sqlite3.DatabaseError, OSError) as exc:
             raise ConfigError(
                 f"key 'llm_cache': cannot use '{self.path}' as an SQLite cache ({exc}); "
                 "give another file, delete this one, or set llm_cache=off"
             ) from None
+
+    def _migrate(self) -> None:
+        """Add the `unusable` column to a file made before it existed (rows stay usable)."""
+        cols = {r[1] for r in self._conn.execute("PRAGMA table_info(responses)").fetchall()}
+        if "unusable" in cols:
+            return
+        try:
+            self._retry(
+                lambda: self._conn.execute("ALTER TABLE responses ADD COLUMN unusable TEXT")
+            )
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it first
+                raise
 
     @staticmethod
     def _retry(fn, attempts: int = 20):
@@ -97,34 +137,57 @@ class LLMCache:
                 time.sleep(0.05 * (i + 1))
         return None
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def entry(self, key: str) -> CacheEntry | None:
+        """The row under `key`, usable or a remembered unusable reply; None if absent."""
         with self._lock:
             row = self._retry(
                 lambda: self._conn.execute(
-                    "SELECT value FROM responses WHERE key = ?", (key,)
+                    "SELECT value, unusable FROM responses WHERE key = ?", (key,)
                 ).fetchone()
             )
         if row is None:
             return None
         try:
-            return json.loads(row[0])
+            value = json.loads(row[0])
         except ValueError:  # cannot happen with our writes; treat as a miss
             log.warning("llm cache row %s is not JSON; ignoring it", key[:12])
             return None
+        return CacheEntry(value, row[1])
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The usable value under `key`; None if absent or remembered as unusable."""
+        hit = self.entry(key)
+        return None if hit is None or hit.unusable is not None else hit.value
 
     def put(self, key: str, value: dict[str, Any]) -> None:
+        """Store a usable reply (replacing whatever the key held, a verdict included)."""
+        self._put(key, value, None)
+
+    def put_unusable(self, key: str, value: dict[str, Any], reason: str) -> None:
+        """Remember `value` as the definitive unusable reply for `key`, and why."""
+        self._put(key, value, reason or "unusable")
+
+    def _put(self, key: str, value: dict[str, Any], unusable: str | None) -> None:
         text = json.dumps(value, ensure_ascii=False)
         with self._lock:
             self._retry(
                 lambda: self._conn.execute(
-                    "INSERT OR REPLACE INTO responses (key, value, created) VALUES (?, ?, ?)",
-                    (key, text, time.time()),
+                    "INSERT OR REPLACE INTO responses (key, value, created, unusable)"
+                    " VALUES (?, ?, ?, ?)",
+                    (key, text, time.time(), unusable),
                 )
             )
 
     def __len__(self) -> int:
         with self._lock:
             return self._conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def unusable_count(self) -> int:
+        """How many rows are remembered unusable replies."""
+        with self._lock:
+            return self._conn.execute(
+                "SELECT COUNT(*) FROM responses WHERE unusable IS NOT NULL"
+            ).fetchone()[0]
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):  # closing twice is harmless
