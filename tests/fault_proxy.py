@@ -470,14 +470,11 @@ class ExplainRun(StageRun):
 
 
 class SimulateRun(StageRun):
-    """The simulate stage (echo scoring unless overridden: method=auto would probe the
-    endpoint on every run, cached or not); its outdir needs events.parquet and
-    explanations.jsonl (`copy_explained`)."""
+    """The simulate stage; its outdir needs events.parquet and explanations.jsonl
+    (`copy_explained`). Give simulation_method: "auto" probes the endpoint for echo
+    support on every run, even one that finds every answer in the cache."""
 
     stage = "simulate"
-
-    def __init__(self, outdir: Path, base_url: str, cache: Path, **overrides: Any):
-        super().__init__(outdir, base_url, cache, **{"simulation_method": "echo", **overrides})
 
     def scores(self):
         import pandas as pd
@@ -595,7 +592,7 @@ def kill_and_resume(
 
 
 def kill_and_resume_simulate(
-    explained: Path, workdir: Path, proxy: FaultProxy, kill_after: int = 5
+    explained: Path, workdir: Path, proxy: FaultProxy, kill_after: int = 2, method: str = "chat"
 ) -> dict[str, Any]:
     """The kill-and-resume scenario for the simulate stage against `proxy` (-> a llama.cpp
     server with --logits_all), on an outdir holding events.parquet and explanations.jsonl:
@@ -605,10 +602,15 @@ def kill_and_resume_simulate(
        cached, with the next one in flight (held at the proxy; one request at a time);
     3. the same run again: it should pay only for the calls not cached at the kill;
     4. a third run repeats everything from the cache: 0 requests.
-    The echo probe (a one-token /completions request, not counted in llm.requests) is
-    sent once by every run that scores anything; `*_posts` count it separately.
+    Every run sends one request at a time and never retries (llm_max_retries=0: at
+    temperature 0 a retried unusable reply comes back the same, and one POST per call
+    keeps the kill exact). With method "echo" each run that scores anything also sends
+    the one-token echo probe first (not counted in llm.requests); `*_posts` count all
+    POSTs. Returns the numbers and scores of every step.
     """
     out: dict[str, Any] = {}
+    probe = 1 if method == "echo" else 0
+    opts: dict[str, Any] = {"simulation_method": method, "llm_max_retries": 0}
 
     def finished(run: SimulateRun, what: str) -> StageResult:
         res = run.run()
@@ -619,17 +621,17 @@ def kill_and_resume_simulate(
     proxy.reset_records()
     proxy.plan()
     clean = SimulateRun(copy_explained(explained, workdir / "sim_clean"), proxy.url,
-                        workdir / "sim_clean.sqlite")  # fmt: skip
+                        workdir / "sim_clean.sqlite", **opts)  # fmt: skip
     out["clean_s"] = finished(clean, "clean simulate run").seconds
     out["clean"] = clean.metrics()
     out["clean_scores"] = clean.scores()
-    out["clean_posts"] = len(proxy.posts("/completions"))
+    out["clean_posts"] = len(proxy.posts())
     out["clean_cache_rows"] = clean.cache_rows()
 
     proxy.reset_records()
-    proxy.plan(*[PASS] * (1 + kill_after), then=HOLD)  # the echo probe, then `kill_after` calls
+    proxy.plan(*[PASS] * (probe + kill_after), then=HOLD)
     run = SimulateRun(copy_explained(explained, workdir / "sim_killed"), proxy.url,
-                      workdir / "sim_killed.sqlite")  # fmt: skip
+                      workdir / "sim_killed.sqlite", **opts)  # fmt: skip
     t0 = time.monotonic()
     run.start()
     try:
@@ -640,7 +642,7 @@ def kill_and_resume_simulate(
         raise
     run.kill()
     out["killed_s"] = time.monotonic() - t0
-    out["killed_posts"] = len(proxy.posts("/completions"))
+    out["killed_posts"] = len(proxy.posts())
     out["cached_at_kill"] = run.cache_rows()
     out["final_after_kill"] = (run.outdir / "scores.parquet").exists()
     wait_until(lambda: proxy.held == 0, 10, "the proxy to drop the killed run's request")
@@ -651,7 +653,7 @@ def kill_and_resume_simulate(
     proxy.release()
     out["resumed_s"] = finished(run, "resumed simulate run").seconds
     out["resumed"] = run.metrics()
-    out["resumed_posts"] = len(proxy.posts("/completions"))
+    out["resumed_posts"] = len(proxy.posts())
     out["resumed_scores"] = run.scores()
 
     proxy.reset_records()
@@ -659,4 +661,5 @@ def kill_and_resume_simulate(
     out["rerun"] = run.metrics()
     out["rerun_posts"] = len(proxy.posts())
     out["rerun_scores"] = run.scores()
+    out["probe_posts"] = probe
     return out

@@ -113,7 +113,7 @@ async def explain_head(
     if prefill:
         messages.append({"role": "assistant", "content": PREFILL})
 
-    def usable(res) -> None:  # an unusable reply is retried and never cached
+    def usable(res) -> None:  # retried; if it stays unusable the verdict is cached
         if not parse_explanation(f"{PREFILL} {res.text.lstrip()}" if prefill else res.text):
             raise ValueError(f"empty or unusable explanation (reply {res.text[:80]!r})")
 

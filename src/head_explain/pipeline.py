@@ -259,7 +259,8 @@ def _fail_check(cfg: Config, stage: str, n_failed: int, n_total: int, first: str
         raise StageFailed(
             f"{stage}: {n_failed}/{n_total} heads failed (max_failed_fraction="
             f"{cfg.max_failed_fraction}); first error: {first}. Finished heads are kept; "
-            "rerun to retry (cached answers are reused)"
+            "rerun to retry transient failures (answers already received, unusable ones included, "
+            "come from the cache)"
         )
 
 

@@ -37,7 +37,7 @@ from head_explain.llm.base import (
     current_budget,
     logsumexp,
 )
-from head_explain.llm.cache import LLMCache
+from head_explain.llm.cache import LLMCache, cache_key
 from head_explain.llm.pricing import cost_usd
 
 log = logging.getLogger(__name__)
@@ -383,9 +383,29 @@ class OpenAIBackend(LLMBackend):
         if self._echo is not None:
             return self._echo
         with self._probe_lock:
-            if self._echo is None:
+            if self._echo is None and not self._probe_from_cache():
                 self._probe()
+                self._store_probe()
         return bool(self._echo)
+
+    def _probe_key(self) -> str:
+        return cache_key({**self.identity(), "probe": "echo", "prompt": ECHO_PROBE_PROMPT})
+
+    def _probe_from_cache(self) -> bool:
+        """A definitive probe verdict from an earlier run: a cached rerun sends nothing."""
+        if self._cache is None:
+            return False
+        hit = self._cache.get(self._probe_key())
+        if hit is None:
+            return False
+        self._echo, self._shift, self._echo_why = hit["echo"], hit["shift"], hit["why"]
+        self.stats.cache_hits += 1
+        return True
+
+    def _store_probe(self) -> None:
+        if self._cache is not None and self._echo is not None:
+            value = {"echo": self._echo, "shift": self._shift, "why": self._echo_why}
+            self._cache.put(self._probe_key(), value)
 
     def _probe(self) -> None:
         import openai
