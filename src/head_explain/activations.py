@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -70,7 +70,6 @@ class CacheResult:
     activations: pd.DataFrame
     seconds: float = 0.0
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def head_writes(
@@ -275,6 +274,7 @@ class HeadActivationCache:
     # ---------------------------------------------------------------- driver
     def run(self, tokens: np.ndarray, window_ids: np.ndarray, progress: bool = True) -> CacheResult:
         t0 = time.time()
+        self._n_tokens = int(tokens.shape[1])
         bs = self.settings.batch_size
         n_batches = (len(tokens) + bs - 1) // bs
         hooks = self._hooks()
@@ -327,7 +327,8 @@ class HeadActivationCache:
                     if wid not in seen:
                         seen.add(wid)
                         act_rows.append((layer, head, wid, cpu["acts"][hi, c].astype(np.float32)))
-                n_prev = n[hi] - n[hi] / max(1, self._tokens_per_window() - 1)
+                # prev-token counts dest 2.. (dest 1's previous token is BOS): (T-2)/(T-1)
+                n_prev = n[hi] * (self._n_tokens - 2) / max(1, self._n_tokens - 1)
                 stats_rows.append(
                     dict(
                         layer=layer, head=head,
@@ -353,10 +354,6 @@ class HeadActivationCache:
             head_stats=pd.DataFrame(stats_rows).sort_values(["layer", "head"]).reset_index(drop=True),
             activations=acts.sort_values(["layer", "head", "window_id"]).reset_index(drop=True),
         )  # fmt: skip
-
-    def _tokens_per_window(self) -> int:
-        tok = self._batch[0] if self._batch else None
-        return int(tok.shape[1]) if tok is not None else 2
 
 
 def choose_random_windows(n_windows: int, count: int, seed: int) -> frozenset[int]:

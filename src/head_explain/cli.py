@@ -7,7 +7,6 @@ flat params.yaml first and flags override it. User errors print one line and exi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
@@ -185,6 +184,3 @@ def stage_main(stage: str, params: str = "params.yaml") -> None:
     except HeadExplainError as exc:
         sys.stderr.write(f"head-explain {stage}: error: {exc}\n")
         raise SystemExit(exc.exit_code) from None
-
-
-__all__ = ["build_parser", "dataclasses", "main", "stage_main"]

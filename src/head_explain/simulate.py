@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 
 from head_explain.explain import show_token
-from head_explain.heads import head_name
 from head_explain.prompts import PromptTemplate
 
 ECHO_PROMPT = "simulate_echo_v1"
@@ -241,14 +240,16 @@ async def score_head(
     row.update(pooled_scores(excerpts, preds))
     row["baseline_score"] = pooled_scores(excerpts, base_preds)["score"]
     failed_slots = sum(int(np.isnan(p).sum()) for p in preds if p is not None)
-    row["n_failed"] = sum(p is None for p in preds) + (1 if failed_slots else 0)
+    row["n_failed"] = sum(p is None or bool(np.isnan(p).any()) for p in preds)  # excerpts
     if errs:
         row["error"] = f"{len(errs)}/{len(excerpts)} excerpts failed; first: {errs[0]}"
     elif failed_slots:
         row["error"] = f"{failed_slots} of {row['n_tokens']} token slots unreadable"
     if math.isnan(row["score"]) and not row["error"]:
         row["error"] = "simulation or activations constant: correlation undefined"
-    del base_errs
+    if base_errs:  # the baseline can fail on its own; say so rather than a bare NaN
+        note = f"baseline: {len(base_errs)}/{len(excerpts)} excerpts failed; first: {base_errs[0]}"
+        row["error"] = f"{row['error']}; {note}" if row["error"] else note
     return row
 
 
@@ -258,9 +259,3 @@ def baseline_assignment(
     """Each head -> the head whose explanation it is scored with as the baseline."""
     perm = derangement(len(heads), np.random.default_rng([seed, 99]))
     return {heads[i]: heads[int(j)] for i, j in enumerate(perm)}
-
-
-__all__ = [
-    "baseline_assignment", "build_echo_prompt", "correlation", "derangement", "expected_values",
-    "head_name", "parse_chat_values", "score_head",
-]  # fmt: skip
