@@ -411,12 +411,9 @@ def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
     t0 = time.time()
     metrics = RUNNERS[stage](cfg)
     seconds = round(time.time() - t0, 2)
+    # explain/simulate also wrote their metrics themselves (so a StageFailed run keeps
+    # them); they return that same dict, so adding the time here is all that is left.
     metrics = {**metrics, "seconds": seconds}
-    existing = out(cfg, f"metrics/{stage}.json")
-    if existing.exists() and stage in ("explain", "simulate"):
-        data = json.loads(existing.read_text())
-        data["seconds"] = seconds
-        metrics = data
     write_stage_metrics(cfg, stage, {k: v for k, v in metrics.items() if k != "stage"})
     log.info("stage %s: done in %.1fs", stage, seconds)
     return metrics
