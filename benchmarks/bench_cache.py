@@ -1,91 +1,243 @@
-"""Benchmark the cache stage: hook overhead and memory growth, printed as ratios.
+"""Benchmark the cache stage against a plain forward pass: time, tokens/s and memory.
 
-    .venv/bin/python benchmarks/bench_cache.py [--model smollm2-135m-instruct] [--device cpu]
+    .venv/bin/python benchmarks/bench_cache.py --sizes 160,1280 [--repeats 2] \
+        [--sources wikitext --wikitext-dir ../shared/data/wikitext \
+         --wikitext-config wikitext-2-raw-v1 --wikitext-split test]
 
-1. Throughput: tokens/s of HeadActivationCache over all heads vs a plain forward pass
-   of the same bridge on the same windows (ratio = cache time / forward time).
-2. Memory: peak traced memory (tracemalloc, Python + numpy) and peak RSS growth of the
-   streaming cache for N and 4N windows; the ratio should stay near 1 (memory does not
-   grow with windows). On CUDA, torch's peak allocated memory is reported instead.
+Windows are sampled once by the real sample stage (the largest size; smaller sizes take
+its first windows). Then every (size, heads, repeat) runs in its own subprocess, so no
+run inherits another's heap:
+  1. load the model, one warm-up forward, free; RSS now is the model-loaded baseline;
+  2. the cache stage (HeadActivationCache.run + the three parquet writes) on N windows;
+  3. a plain forward of the same model (HF module, logits included) over the same
+     batches, timed with the same synchronisation (torch.cuda.synchronize on GPU).
+A thread samples RSS every 20 ms throughout (/proc/self/statm); the child reports the
+peak minus the baseline, RSS at quarters of the cache phase (flat = memory does not
+grow with windows) and, on CUDA, torch's peak allocated memory.
+
+Heads: `all` (every head) and `early` (every head of the first third of the layers:
+the forward can stop there), the latter at the first size only unless --subset-all-sizes.
+Prints a table and ratios (cache time / forward time per token; peak at the largest
+size / peak at the smallest). Asserts nothing: the numbers are the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
-import torch
-
-from head_explain.activations import CacheSettings, HeadActivationCache, choose_random_windows
-from head_explain.heads import choose_heads
-from head_explain.models import load_bridge
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def windows(n: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(100, vocab - 1, size=(n, length))
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE / 2**20
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class RssSampler(threading.Thread):
+    """Samples RSS every `every` seconds with the current phase label."""
+
+    def __init__(self, every: float = 0.02):
+        super().__init__(daemon=True)
+        self.every, self.phase, self.samples = every, "load", []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.phase, rss_mb()))
+            time.sleep(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+    def during(self, phase: str) -> list[float]:
+        return [r for _, p, r in self.samples if p == phase]
 
 
-def run_cache(bridge, tokens, heads, device) -> tuple[float, float]:
-    settings = CacheSettings(
-        candidates=100, max_events_per_window=2, top_sources=3, batch_size=8,
-        random_window_ids=choose_random_windows(len(tokens), 8, 0),
-    )  # fmt: skip
-    if device == "cuda":
+# ---------------------------------------------------------------- child: one measurement
+def child(args: argparse.Namespace) -> dict:
+    sampler = RssSampler()
+    sampler.start()
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from head_explain import artifacts as art
+    from head_explain.activations import (
+        CacheSettings,
+        HeadActivationCache,
+        choose_random_windows,
+        release_memory,
+        sync,
+    )
+    from head_explain.models import load_bridge
+
+    windows = pd.read_parquet(args.windows_file).iloc[: args.n]
+    tokens = np.stack(windows["tokens"].to_numpy())
+    ids = windows["window_id"].to_numpy()
+    bridge, _ = load_bridge(args.model, args.device, args.dtype)
+    device = next(bridge.parameters()).device
+    n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
+    last = n_layers if args.heads == "all" else max(1, n_layers // 3)
+    heads = [(layer, h) for layer in range(last) for h in range(n_heads)]
+    hf = bridge.original_model
+    bs = args.batch_size
+    with torch.inference_mode():
+        hf(torch.as_tensor(tokens[:bs], device=device).long())  # warm-up (kernels, pages)
+    release_memory()
+    time.sleep(0.2)
+    baseline = rss_mb()
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+    sampler.phase = "cache"
+    settings = CacheSettings(
+        candidates=args.candidates, max_events_per_window=3, top_sources=3, batch_size=bs,
+        random_window_ids=choose_random_windows(len(tokens), args.random_windows, 0),
+    )  # fmt: skip
+    sync(device)
     t0 = time.perf_counter()
-    HeadActivationCache(bridge, heads, settings).run(tokens, np.arange(len(tokens)), progress=False)
-    secs = time.perf_counter() - t0
-    mem = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
-    return secs, mem
+    result = HeadActivationCache(bridge, heads, settings).run(tokens, ids, progress=False)
+    sync(device)
+    cache_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("raw_events", "head_stats", "activations"):
+            art.write_parquet(Path(tmp) / f"{name}.parquet", getattr(result, name), {})
+    write_s = time.perf_counter() - t0 - cache_s
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    n_events = len(result.raw_events)
+    del result
+    release_memory()
+
+    sampler.phase = "forward"
+    fwd_tokens = tokens[: args.forward_windows or len(tokens)]
+    with torch.inference_mode():
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(0, len(fwd_tokens), bs):
+            hf(torch.as_tensor(fwd_tokens[i : i + bs], device=device).long())  # logits too
+        sync(device)
+        fwd_s = time.perf_counter() - t0
+    sampler.stop()
+
+    cache_rss = sampler.during("cache")
+    quarters = [cache_rss[min(len(cache_rss) - 1, int(q * len(cache_rss)))] for q in (0.25, 0.5, 0.75, 1.0)]
+    return {
+        "n": args.n, "heads": args.heads, "n_heads": len(heads), "last_layer": last - 1,
+        "device": str(device), "threads": torch.get_num_threads(), "events": n_events,
+        "cache_s": cache_s, "write_s": write_s,
+        "cache_tok_s": tokens.size / cache_s, "fwd_tok_s": fwd_tokens.size / fwd_s,
+        "ratio": (cache_s / tokens.size) / (fwd_s / fwd_tokens.size),
+        "baseline_mb": baseline, "peak_mb": max(cache_rss, default=baseline),
+        "growth_mb": max(cache_rss, default=baseline) - baseline,
+        "rss_quarters_mb": [round(q - baseline) for q in quarters], "cuda_peak_mb": cuda_peak,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- parent
+def sample_windows(args: argparse.Namespace, n: int, outdir: Path) -> Path:
+    from head_explain.cli import main
+
+    flags = [
+        "--model", args.model, "--windows", str(n), "--window-len", str(args.window_len),
+        "--sources", args.sources, "--until", "sample", "--outdir", str(outdir),
+    ]  # fmt: skip
+    for key in ("wikitext_dir", "wikitext_config", "wikitext_split"):
+        if getattr(args, key):
+            flags += ["--" + key.replace("_", "-"), getattr(args, key)]
+    if main(flags) != 0:
+        sys.exit("sampling windows failed")
+    return outdir / "windows.parquet"
+
+
+def spawn(args: argparse.Namespace, windows_file: Path, n: int, heads: str) -> dict:
+    cmd = [
+        sys.executable, __file__, "--child", "--windows-file", str(windows_file), "--n", str(n),
+        "--heads", heads, "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+        "--batch-size", str(args.batch_size), "--candidates", str(args.candidates),
+        "--random-windows", str(args.random_windows),
+        "--forward-windows", str(args.forward_windows),
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"child failed ({n} windows, {heads}):\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - t0
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--window-len", type=int, default=64)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--sizes", default="160,1280", help="window counts, e.g. N,8N")
+    ap.add_argument("--window-len", type=int, default=192)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--candidates", type=int, default=500)
+    ap.add_argument("--random-windows", type=int, default=60)
+    ap.add_argument("--forward-windows", type=int, default=0, help="0: the same windows")
+    ap.add_argument("--subset-all-sizes", action="store_true")
+    ap.add_argument("--no-subset", action="store_true")
+    ap.add_argument("--sources", default="pydocs")
+    ap.add_argument("--wikitext-dir", default="")
+    ap.add_argument("--wikitext-config", default="")
+    ap.add_argument("--wikitext-split", default="")
+    ap.add_argument("--json", default="", help="also write every measurement here")
+    # child-only
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--windows-file", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--heads", default="all", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    bridge, _ = load_bridge(args.model, args.device, "auto")
-    device = next(bridge.parameters()).device.type
-    heads = choose_heads(bridge.cfg.n_layers, bridge.cfg.n_heads, 10**6)
-    vocab = bridge.cfg.d_vocab
-    small = windows(args.windows, args.window_len, vocab)
-    big = windows(4 * args.windows, args.window_len, vocab, seed=1)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
 
-    with torch.inference_mode():
-        x = torch.as_tensor(small[:8], device=device)
-        bridge(x, return_type=None)  # warm-up
-        t0 = time.perf_counter()
-        for i in range(0, len(small), 8):
-            bridge(torch.as_tensor(small[i : i + 8], device=device), return_type=None)
-        fwd = time.perf_counter() - t0
-    run_cache(bridge, small[:8], heads, device)  # warm-up
-    cache_small, mem_small = run_cache(bridge, small, heads, device)
-    cache_big, mem_big = run_cache(bridge, big, heads, device)
-    tokens = small.size
-    print(
-        f"model {args.model} on {device}: {len(heads)} heads, {args.windows} windows x {args.window_len} tokens"
-    )
-    print(f"plain forward:        {tokens / fwd:8.0f} tokens/s")
-    print(f"cache (all heads):    {tokens / cache_small:8.0f} tokens/s")
-    print(f"cache / forward time: {cache_small / fwd:8.2f}x")
-    print(f"4x windows time ratio: {cache_big / cache_small:7.2f} (linear = 4.00)")
-    unit = "MiB allocated (cuda peak)" if device == "cuda" else "MiB peak RSS"
-    print(
-        f"memory {args.windows} windows: {mem_small:.0f} {unit}; {4 * args.windows} windows: {mem_big:.0f}"
-    )
-    print(f"memory ratio 4x windows: {mem_big / mem_small:.2f} (bounded = ~1.00)")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        windows_file = sample_windows(args, max(sizes), Path(tmp))
+        for n in sizes:
+            runs = ["all"] if args.no_subset or (n != sizes[0] and not args.subset_all_sizes) else ["all", "early"]
+            for heads in runs:
+                for _ in range(args.repeats):
+                    r = spawn(args, windows_file, n, heads)
+                    rows.append(r)
+                    print(
+                        f"{r['n']:>5} windows {r['heads']:>5} ({r['n_heads']} heads, last layer "
+                        f"{r['last_layer']}): cache {r['cache_s']:6.1f}s {r['cache_tok_s']:6.0f} tok/s"
+                        f" (+write {r['write_s']:.1f}s) | forward {r['fwd_tok_s']:6.0f} tok/s | "
+                        f"cache/forward {r['ratio']:.2f}x | RSS baseline {r['baseline_mb']:.0f} MB, "
+                        f"peak {r['peak_mb']:.0f} MB (+{r['growth_mb']:.0f}), quarters "
+                        f"{r['rss_quarters_mb']} | load {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )  # fmt: skip
+    alls = [r for r in rows if r["heads"] == "all"]
+    lo = [r["growth_mb"] for r in alls if r["n"] == sizes[0]]
+    hi = [r["growth_mb"] for r in alls if r["n"] == sizes[-1]]
+    if len(sizes) > 1 and lo and hi:
+        print(
+            f"peak growth over baseline, all heads: {sizes[0]} windows {min(lo):.0f}-{max(lo):.0f} MB,"
+            f" {sizes[-1]} windows {min(hi):.0f}-{max(hi):.0f} MB; ratio of means "
+            f"{(sum(hi) / len(hi)) / max(sum(lo) / len(lo), 1e-9):.2f} (flat = 1.00)"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
