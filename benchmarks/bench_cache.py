@@ -50,15 +50,15 @@ class RssSampler(threading.Thread):
     def __init__(self, every: float = 0.02):
         super().__init__(daemon=True)
         self.every, self.phase, self.samples = every, "load", []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.samples.append((time.perf_counter(), self.phase, rss_mb()))
             time.sleep(self.every)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
     def during(self, phase: str) -> list[float]:
@@ -132,7 +132,9 @@ def child(args: argparse.Namespace) -> dict:
     sampler.stop()
 
     cache_rss = sampler.during("cache")
-    quarters = [cache_rss[min(len(cache_rss) - 1, int(q * len(cache_rss)))] for q in (0.25, 0.5, 0.75, 1.0)]
+    quarters = [
+        cache_rss[min(len(cache_rss) - 1, int(q * len(cache_rss)))] for q in (0.25, 0.5, 0.75, 1.0)
+    ]
     return {
         "n": args.n, "heads": args.heads, "n_heads": len(heads), "last_layer": last - 1,
         "device": str(device), "threads": torch.get_num_threads(), "events": n_events,
@@ -213,7 +215,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         windows_file = sample_windows(args, max(sizes), Path(tmp))
         for n in sizes:
-            runs = ["all"] if args.no_subset or (n != sizes[0] and not args.subset_all_sizes) else ["all", "early"]
+            runs = (
+                ["all"]
+                if args.no_subset or (n != sizes[0] and not args.subset_all_sizes)
+                else ["all", "early"]
+            )
             for heads in runs:
                 for _ in range(args.repeats):
                     r = spawn(args, windows_file, n, heads)

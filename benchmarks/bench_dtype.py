@@ -50,15 +50,26 @@ def patterns(bridge, tokens: np.ndarray) -> list[torch.Tensor]:
     ]
     with torch.inference_mode():
         for i in range(0, len(tokens), 8):
-            bridge.run_with_hooks(torch.as_tensor(tokens[i : i + 8]), fwd_hooks=hooks, return_type=None)
+            bridge.run_with_hooks(
+                torch.as_tensor(tokens[i : i + 8]), fwd_hooks=hooks, return_type=None
+            )
     return got
 
 
 def top_sets(bridge, tokens: np.ndarray, candidates: int) -> dict[tuple[int, int], set]:
     heads = [(layer, h) for layer in range(bridge.cfg.n_layers) for h in range(bridge.cfg.n_heads)]
-    settings = CacheSettings(candidates=candidates, max_events_per_window=3, top_sources=3, batch_size=8)
-    raw = HeadActivationCache(bridge, heads, settings).run(tokens, np.arange(len(tokens)), progress=False).raw_events
-    return {k: set(zip(g["window_id"], g["pos"], strict=True)) for k, g in raw.groupby(["layer", "head"])}
+    settings = CacheSettings(
+        candidates=candidates, max_events_per_window=3, top_sources=3, batch_size=8
+    )
+    raw = (
+        HeadActivationCache(bridge, heads, settings)
+        .run(tokens, np.arange(len(tokens)), progress=False)
+        .raw_events
+    )
+    return {
+        k: set(zip(g["window_id"], g["pos"], strict=True))
+        for k, g in raw.groupby(["layer", "head"])
+    }
 
 
 def main() -> None:
@@ -78,7 +89,9 @@ def main() -> None:
     ref = load(torch.float32)
     ref_pat, ref_top = patterns(ref, tokens), top_sets(ref, tokens, args.candidates)
     del ref
-    print(f"{len(tokens)} windows x {tokens.shape[1]} tokens, top {args.candidates} events per head")
+    print(
+        f"{len(tokens)} windows x {tokens.shape[1]} tokens, top {args.candidates} events per head"
+    )
     for dtype in (torch.bfloat16, torch.float16):
         bridge = load(dtype)
         err = [(p - r).abs() for p, r in zip(patterns(bridge, tokens), ref_pat, strict=True)]

@@ -25,6 +25,23 @@ pytestmark = pytest.mark.slow
 WINDOWS, WINDOW_LEN, CANDIDATES, PER_WINDOW = 10, 24, 12, 2
 # the attention output projection of one layer, named as each HF architecture names it
 O_PROJ = re.compile(r"\.(\d+)\.(self_attn\.o_proj|attn\.c_proj|attention\.dense)$")
+V_PROJ = re.compile(r"\.(\d+)\.self_attn\.v_proj$")  # separate V (Llama, Gemma): GQA check
+WORDS = (
+    "the cat sat on a mat while river light moved over old stone bridges and quiet towns "
+    "where people read books about history science music and the long winter nights"
+).split()
+
+
+def _corpus(folder) -> str:
+    """Comma-separated .txt files of seeded word salad with repeats (for induction)."""
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(WINDOWS):
+        words = list(rng.choice(WORDS, size=40))
+        path = folder / f"doc{i}.txt"
+        path.write_text(" ".join(words + words[:20]) + ".")
+        names.append(str(path))
+    return ",".join(names)
 
 
 def _config(arch: str, vocab: int, bos: int, eos: int):
@@ -77,8 +94,13 @@ def _hf_reference(path, tokens: np.ndarray):
     ).eval()
     n_heads = model.config.num_attention_heads
     o_in: dict[int, torch.Tensor] = {}
+    v_out: dict[int, torch.Tensor] = {}
     projs = {}
     for name, module in model.named_modules():
+        if m := V_PROJ.search(name):
+            module.register_forward_hook(
+                lambda mod, args, out, layer=int(m.group(1)): v_out.__setitem__(layer, out.detach())
+            )
         if m := O_PROJ.search(name):
             layer = int(m.group(1))
             projs[layer] = module
@@ -87,7 +109,7 @@ def _hf_reference(path, tokens: np.ndarray):
             )
     with torch.no_grad():
         out = model(torch.as_tensor(tokens), output_attentions=True)
-    acts = {}
+    acts, vnorms = {}, {}
     for layer, proj in projs.items():
         w = proj.weight.detach().double()
         # Linear stores [out, in]; GPT-2's Conv1D stores [in, out]
@@ -96,14 +118,19 @@ def _hf_reference(path, tokens: np.ndarray):
         w_o = w_in_out.reshape(n_heads, d_head, -1)  # [h, d_head, d_model]
         z = o_in[layer].double().reshape(*o_in[layer].shape[:2], n_heads, d_head)
         acts[layer] = torch.einsum("bthd,hdm->bhtm", z, w_o).norm(dim=-1)  # [b, h, t]
-    return [a.double() for a in out.attentions], acts
+        if layer in v_out:  # HF's repeat_kv: query head h reads KV head h // group
+            v = v_out[layer].double().reshape(*z.shape[:2], -1, d_head)
+            v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
+            vnorms[layer] = torch.einsum("bshd,hdm->bhsm", v, w_o).norm(dim=-1)  # [b, h, s]
+    return [a.double() for a in out.attentions], acts, vnorms
 
 
 def test_cache_matches_hf_eager(tiny_model, tmp_path):
     arch, path = tiny_model
     out = tmp_path / "out"
     args = [
-        "--model", str(path), "--sources", "pydocs", "--windows", str(WINDOWS),
+        "--model", str(path), "--sources", "files", "--data-files", _corpus(tmp_path),
+        "--windows", str(WINDOWS),
         "--window-len", str(WINDOW_LEN), "--candidates", str(CANDIDATES), "--topk", "8",
         "--max-events-per-window", str(PER_WINDOW), "--random-windows", "2",
         "--batch-size", "4", "--device", "cpu", "--dtype", "float32",
@@ -115,7 +142,8 @@ def test_cache_matches_hf_eager(tiny_model, tmp_path):
     stats = pd.read_parquet(out / "head_stats.parquet")
     tokens = np.stack(windows["tokens"].to_numpy())
     row_of = {int(w): i for i, w in enumerate(windows["window_id"])}
-    attn, acts = _hf_reference(path, tokens)
+    attn, acts, vnorms = _hf_reference(path, tokens)
+    assert bool(vnorms) == (arch in ("llama", "gemma3"))
     n_layers, n_heads = len(attn), attn[0].shape[1]
     top = raw[raw["kind"] == "top"]
     assert top.groupby(["layer", "head"]).ngroups == n_layers * n_heads
@@ -133,6 +161,14 @@ def test_cache_matches_hf_eager(tiny_model, tmp_path):
         want_attn = attn[layer][got_rows, head, events["pos"].to_numpy(), src].numpy()
         got_attn = np.array([a[0] for a in events["src_attn"]])
         np.testing.assert_allclose(got_attn, want_attn, rtol=5e-6, atol=1e-8)
+        if layer in vnorms:  # main source = argmax attention × ‖v·W_O‖, with GQA's KV head
+            pair = (
+                attn[layer][got_rows, head, events["pos"].to_numpy()]
+                * vnorms[layer][got_rows, head]
+            )
+            np.testing.assert_array_equal(src, pair.argmax(-1).numpy())
+            got_write = np.array([w[0] for w in events["src_write"]])
+            np.testing.assert_allclose(got_write, pair.max(-1).values.numpy(), rtol=5e-6)
         st = stats[(stats["layer"] == layer) & (stats["head"] == head)].iloc[0]
         bos = attn[layer][:, head, 1:, 0].mean().item()
         assert st.bos_frac == pytest.approx(bos, rel=1e-5)
