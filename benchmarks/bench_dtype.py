@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-
 from bench_cache import sample_windows  # noqa: E402
+
 from head_explain.activations import CacheSettings, HeadActivationCache  # noqa: E402
 
 

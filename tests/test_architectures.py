@@ -26,10 +26,38 @@ WINDOWS, WINDOW_LEN, CANDIDATES, PER_WINDOW = 10, 24, 12, 2
 # the attention output projection of one layer, named as each HF architecture names it
 O_PROJ = re.compile(r"\.(\d+)\.(self_attn\.o_proj|attn\.c_proj|attention\.dense)$")
 V_PROJ = re.compile(r"\.(\d+)\.self_attn\.v_proj$")  # separate V (Llama, Gemma): GQA check
-WORDS = (
-    "the cat sat on a mat while river light moved over old stone bridges and quiet towns "
-    "where people read books about history science music and the long winter nights"
-).split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "river",
+    "light",
+    "moved",
+    "over",
+    "old",
+    "stone",
+    "bridges",
+    "and",
+    "quiet",
+    "towns",
+    "where",
+    "people",
+    "read",
+    "books",
+    "about",
+    "history",
+    "science",
+    "music",
+    "and",
+    "the",
+    "long",
+    "winter",
+    "nights",
+]
 
 
 def _corpus(folder) -> str:

@@ -21,6 +21,7 @@ bytes. The end-of-stage collection is columnar (numpy arrays, no per-event objec
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -154,10 +155,8 @@ def release_memory() -> None:
     gc.collect()
     libc = ctypes.util.find_library("c")
     if libc and "libc" in libc:
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # musl has no malloc_trim
             ctypes.CDLL(libc).malloc_trim(0)
-        except (OSError, AttributeError):  # musl and others have no malloc_trim
-            pass
 
 
 def _layer_heads(heads: list[tuple[int, int]]) -> dict[int, list[int]]:
