@@ -74,15 +74,24 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from head_explain import artifacts as art
-    from head_explain.activations import (
-        CacheSettings,
-        HeadActivationCache,
-        choose_random_windows,
-        release_memory,
-        sync,
-    )
+    from head_explain.activations import CacheSettings, HeadActivationCache, choose_random_windows
+
+    try:
+        from head_explain.activations import release_memory, sync
+    except ImportError:  # an older library, for before/after comparisons
+        import gc
+
+        def release_memory() -> None:
+            gc.collect()
+
+        def sync(device) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
     from head_explain.models import load_bridge
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     windows = pd.read_parquet(args.windows_file).iloc[: args.n]
     tokens = np.stack(windows["tokens"].to_numpy())
     ids = windows["window_id"].to_numpy()
@@ -107,10 +116,10 @@ def child(args: argparse.Namespace) -> dict:
         random_window_ids=choose_random_windows(len(tokens), args.random_windows, 0),
     )  # fmt: skip
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = HeadActivationCache(bridge, heads, settings).run(tokens, ids, progress=False)
     sync(device)
-    cache_s = time.perf_counter() - t0
+    cache_s, cache_cpu = time.perf_counter() - t0, time.process_time() - c0
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("raw_events", "head_stats", "activations"):
             art.write_parquet(Path(tmp) / f"{name}.parquet", getattr(result, name), {})
@@ -124,11 +133,11 @@ def child(args: argparse.Namespace) -> dict:
     fwd_tokens = tokens[: args.forward_windows or len(tokens)]
     with torch.inference_mode():
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(fwd_tokens), bs):
             hf(torch.as_tensor(fwd_tokens[i : i + bs], device=device).long())  # logits too
         sync(device)
-        fwd_s = time.perf_counter() - t0
+        fwd_s, fwd_cpu = time.perf_counter() - t0, time.process_time() - c0
     sampler.stop()
 
     cache_rss = sampler.during("cache")
@@ -141,6 +150,9 @@ def child(args: argparse.Namespace) -> dict:
         "cache_s": cache_s, "write_s": write_s,
         "cache_tok_s": tokens.size / cache_s, "fwd_tok_s": fwd_tokens.size / fwd_s,
         "ratio": (cache_s / tokens.size) / (fwd_s / fwd_tokens.size),
+        # CPU seconds (all threads): on a shared machine less noisy than wall time
+        "cache_cpu_s": cache_cpu, "fwd_cpu_s": fwd_cpu,
+        "cpu_ratio": (cache_cpu / tokens.size) / (fwd_cpu / fwd_tokens.size),
         "baseline_mb": baseline, "peak_mb": max(cache_rss, default=baseline),
         "growth_mb": max(cache_rss, default=baseline) - baseline,
         "rss_quarters_mb": [round(q - baseline) for q in quarters], "cuda_peak_mb": cuda_peak,
@@ -169,7 +181,7 @@ def spawn(args: argparse.Namespace, windows_file: Path, n: int, heads: str) -> d
         "--heads", heads, "--model", args.model, "--device", args.device, "--dtype", args.dtype,
         "--batch-size", str(args.batch_size), "--candidates", str(args.candidates),
         "--random-windows", str(args.random_windows),
-        "--forward-windows", str(args.forward_windows),
+        "--forward-windows", str(args.forward_windows), "--threads", str(args.threads),
     ]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -192,6 +204,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--random-windows", type=int, default=60)
     ap.add_argument("--forward-windows", type=int, default=0, help="0: the same windows")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     ap.add_argument("--subset-all-sizes", action="store_true")
     ap.add_argument("--no-subset", action="store_true")
     ap.add_argument("--sources", default="pydocs")
@@ -228,7 +241,7 @@ def main() -> None:
                         f"{r['n']:>5} windows {r['heads']:>5} ({r['n_heads']} heads, last layer "
                         f"{r['last_layer']}): cache {r['cache_s']:6.1f}s {r['cache_tok_s']:6.0f} tok/s"
                         f" (+write {r['write_s']:.1f}s) | forward {r['fwd_tok_s']:6.0f} tok/s | "
-                        f"cache/forward {r['ratio']:.2f}x | RSS baseline {r['baseline_mb']:.0f} MB, "
+                        f"cache/forward {r['ratio']:.2f}x (CPU time {r['cpu_ratio']:.2f}x) | RSS baseline {r['baseline_mb']:.0f} MB, "
                         f"peak {r['peak_mb']:.0f} MB (+{r['growth_mb']:.0f}), quarters "
                         f"{r['rss_quarters_mb']} | load {os.getloadavg()[0]:.1f}",
                         flush=True,

@@ -11,7 +11,9 @@ from head_explain.activations import (
     HeadActivationCache,
     choose_random_windows,
     head_writes,
+    sync,
     token_masks,
+    write_norm_factor,
 )
 
 pytestmark = pytest.mark.slow
@@ -127,3 +129,33 @@ def test_streaming_cache_matches_brute_force(smol_bridge, windows):
     rows = res.activations.query("layer == 3 and head == 0")
     row = rows.iloc[0]
     assert np.asarray(row.acts) == pytest.approx(act[row.window_id, 0].numpy(), rel=1e-2)
+
+
+def test_write_norm_factor_keeps_every_norm():
+    torch.manual_seed(0)
+    w_o = torch.randn(3, 16, 80)  # [h, d_head, d_model]
+    factor = write_norm_factor(w_o)
+    assert factor.shape == (3, 16, 16)
+    x = torch.randn(5, 7, 3, 16)
+    want = torch.einsum("bphd,hdm->bhpm", x.double(), w_o.double()).norm(dim=-1)
+    got = torch.einsum("bphd,hdm->bhpm", x, factor).norm(dim=-1)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+
+
+def test_half_precision_model_on_cpu_tracks_float32(smol_bridge, windows):
+    """The dtype path CUDA's bfloat16 takes (casts, W_O factor from bf16 weights), on CPU."""
+    from head_explain.models import load_bridge
+
+    heads = [(2, 1), (2, 4), (9, 0)]
+    settings = CacheSettings(candidates=6, max_events_per_window=2, top_sources=3, batch_size=3)
+    bf16, _ = load_bridge("smollm2-135m-instruct", "cpu", "bfloat16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    ids = np.arange(len(windows))
+    ref = HeadActivationCache(smol_bridge, heads, settings).run(windows, ids, progress=False)
+    low = HeadActivationCache(bf16, heads, settings).run(windows, ids, progress=False)
+    sync(next(bf16.parameters()).device)
+    assert low.raw_events["act"].dtype == np.float32
+    for (layer, head), got in low.raw_events.groupby(["layer", "head"]):
+        want = ref.raw_events.query("layer == @layer and head == @head")
+        # bfloat16 keeps 8 bits of mantissa: the strongest event within a few percent
+        assert got["act"].max() == pytest.approx(want["act"].max(), rel=0.05)
