@@ -47,14 +47,19 @@ def rss_mb() -> float:
 class RssSampler(threading.Thread):
     """Samples RSS every `every` seconds with the current phase label."""
 
-    def __init__(self, every: float = 0.02):
+    def __init__(self, every: float = 0.02, trace: str = ""):
         super().__init__(daemon=True)
         self.every, self.phase, self.samples = every, "load", []
+        self.trace = open(trace, "w", buffering=1) if trace else None  # noqa: SIM115
         self._halt = threading.Event()
 
     def run(self) -> None:
+        t0 = time.perf_counter()
         while not self._halt.is_set():
-            self.samples.append((time.perf_counter(), self.phase, rss_mb()))
+            sample = (time.perf_counter(), self.phase, rss_mb())
+            self.samples.append(sample)
+            if self.trace and len(self.samples) % 50 == 0:  # one line a second
+                self.trace.write(f"{sample[0] - t0:.1f}\t{sample[1]}\t{sample[2]:.0f}\n")
             time.sleep(self.every)
 
     def stop(self) -> None:
@@ -67,7 +72,7 @@ class RssSampler(threading.Thread):
 
 # ---------------------------------------------------------------- child: one measurement
 def child(args: argparse.Namespace) -> dict:
-    sampler = RssSampler()
+    sampler = RssSampler(trace=args.trace)
     sampler.start()
     import numpy as np
     import pandas as pd
@@ -117,7 +122,8 @@ def child(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = HeadActivationCache(bridge, heads, settings).run(tokens, ids, progress=False)
+    cache = HeadActivationCache(bridge, heads, settings)
+    result = cache.run(tokens, ids, progress=bool(args.trace))
     sync(device)
     cache_s, cache_cpu = time.perf_counter() - t0, time.process_time() - c0
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,6 +218,7 @@ def main() -> None:
     ap.add_argument("--wikitext-config", default="")
     ap.add_argument("--wikitext-split", default="")
     ap.add_argument("--json", default="", help="also write every measurement here")
+    ap.add_argument("--trace", default="", help="child: RSS over time to this file (tsv)")
     # child-only
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--windows-file", help=argparse.SUPPRESS)
