@@ -356,8 +356,10 @@ class HeadActivationCache:
             for i in tqdm(
                 range(n_batches), desc="cache: windows", unit="batch", disable=not progress
             ):
-                tok = torch.as_tensor(tokens[i * bs : (i + 1) * bs]).long().to(self.device)
-                wid = torch.as_tensor(window_ids[i * bs : (i + 1) * bs]).long().to(self.device)
+                # copies (artifact arrays may be read-only), then one move to the device
+                tok = torch.tensor(tokens[i * bs : (i + 1) * bs], dtype=torch.long).to(self.device)
+                wid = torch.tensor(window_ids[i * bs : (i + 1) * bs], dtype=torch.long)
+                wid = wid.to(self.device)
                 dup, ind = token_masks(tok)
                 self._batch = (tok, wid, dup, ind)
                 self._done.clear()
