@@ -70,6 +70,7 @@ class CacheResult:
     activations: pd.DataFrame
     seconds: float = 0.0
     tokens: int = 0
+    pairs: pd.DataFrame | None = None  # pair-scoring candidates of the random windows
 
 
 def head_writes(
@@ -131,6 +132,7 @@ class HeadActivationCache:
         self.stats: dict[int, _HeadStats] = {}
         self.random_rows: list[tuple[int, int, int, np.ndarray]] = []
         self.random_events: list[dict] = []
+        self.random_pairs: list[dict] = []
         self._tmp: dict[str, torch.Tensor] = {}
         self._batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.rng = np.random.default_rng(settings.seed)
@@ -253,6 +255,7 @@ class HeadActivationCache:
             if wid not in self.settings.random_window_ids:
                 continue
             acts = act[bi].cpu().numpy()
+            self._record_pairs(layer, hs, wid, pattern[bi], vnorm[bi])
             for hi, head in enumerate(hs):
                 self.random_rows.append((layer, head, wid, acts[hi].astype(np.float32)))
                 # one random (non-BOS) position per head and random window: a random event
@@ -270,6 +273,15 @@ class HeadActivationCache:
                         src_write=sw.cpu().numpy().astype(np.float32),
                     )
                 )  # fmt: skip
+
+    def _record_pairs(self, layer, hs, wid, pattern, vnorm) -> None:
+        """Pair-scoring candidates of one random window for the heads of a layer."""
+        from head_explain.pair_candidates import candidate_pairs
+
+        tokens = self._batch[0][list(self._batch[1].tolist()).index(wid)]  # type: ignore[index]
+        rng = np.random.default_rng([self.settings.seed, wid, layer, 7])
+        for head, cand in zip(hs, candidate_pairs(pattern, vnorm, tokens, rng), strict=True):
+            self.random_pairs.append(dict(layer=layer, head=head, window_id=wid, **cand))
 
     # ---------------------------------------------------------------- driver
     def run(self, tokens: np.ndarray, window_ids: np.ndarray, progress: bool = True) -> CacheResult:
@@ -353,6 +365,7 @@ class HeadActivationCache:
             raw_events=raw.sort_values(["layer", "head", "kind", "act"], ascending=[True, True, False, False]).reset_index(drop=True),
             head_stats=pd.DataFrame(stats_rows).sort_values(["layer", "head"]).reset_index(drop=True),
             activations=acts.sort_values(["layer", "head", "window_id"]).reset_index(drop=True),
+            pairs=pd.DataFrame(self.random_pairs),
         )  # fmt: skip
 
 

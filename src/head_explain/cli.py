@@ -19,14 +19,23 @@ from head_explain.errors import ArtifactError, HeadExplainError
 log = logging.getLogger("head_explain")
 
 SKIPS = {
-    "skip_cache": ("sample", "cache"),
+    "skip_cache": ("sample", "head_types", "cache"),
     "skip_explain": ("explain",),
     "skip_simulate": ("simulate",),
     "skip_cluster": ("cluster",),
 }
 
 
-STAGE_NAMES = ("sample", "cache", "select", "explain", "simulate", "cluster", "report")
+STAGE_NAMES = (
+    "sample",
+    "head_types",
+    "cache",
+    "select",
+    "explain",
+    "simulate",
+    "cluster",
+    "report",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,8 +105,8 @@ def check_skipped(cfg, stage: str) -> None:
     if stage == "cache":
         pipeline.check_cache_artifacts(cfg)
         return
-    if stage == "sample":
-        return  # covered by cache's check (sample_hash)
+    if stage in ("sample", "head_types"):
+        return  # covered by cache's check (sample_hash); cache read head_types.parquet
     for name in pipeline.OUTPUTS[stage]:
         path = pipeline.out(cfg, name)
         if not path.exists():

@@ -26,7 +26,7 @@ from head_explain.heads import head_name
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sample", "cache", "select", "explain", "simulate", "cluster", "report")
+STAGES = ("sample", "head_types", "cache", "select", "explain", "simulate", "cluster", "report")
 
 # The params each stage reads that change its outputs: dvc.yaml lists exactly these,
 # and their hash is stamped into the stage's artifacts. Operational knobs (concurrency,
@@ -36,15 +36,23 @@ STAGE_PARAMS: dict[str, list[str]] = {
         "model", "sources", "wikitext_dir", "wikitext_config", "wikitext_split",
         "stackexchange_dir", "data_files", "windows", "window_len", "seed",
     ],
+    "head_types": [
+        "model", "device", "dtype", "batch_size", "type_windows", "class_previous_token",
+        "class_induction", "class_duplicate_token", "class_self", "class_fixed_offset",
+        "class_bos_sink", "seed",
+    ],
     "cache": [
-        "model", "device", "dtype", "batch_size", "heads", "max_heads", "candidates",
-        "max_events_per_window", "top_sources", "random_windows", "seed",
+        "model", "device", "dtype", "batch_size", "heads", "max_heads", "head_choice",
+        "candidates", "max_events_per_window", "top_sources", "random_windows", "seed",
     ],
     "select": [
         "topk", "explain_examples", "score_top_examples", "score_random_examples",
         "excerpt_len", "seed",
     ],
-    "explain": ["llm", "openai_model", "openai_base_url", "explain_max_tokens", "max_failed_fraction"],
+    "explain": [
+        "llm", "openai_model", "openai_base_url", "explain_max_tokens", "explain_prompt",
+        "max_failed_fraction",
+    ],
     "simulate": [
         "llm", "openai_model", "openai_base_url", "simulator_model", "simulation_method",
         "seed", "max_failed_fraction",
@@ -55,8 +63,9 @@ STAGE_PARAMS: dict[str, list[str]] = {
 
 OUTPUTS: dict[str, list[str]] = {
     "sample": ["windows.parquet"],
-    "cache": ["raw_events.parquet", "head_stats.parquet", "activations.parquet"],
-    "select": ["events.parquet"],
+    "head_types": ["head_types.parquet"],
+    "cache": ["raw_events.parquet", "head_stats.parquet", "activations.parquet", "pairs.parquet"],
+    "select": ["events.parquet", "evidence.parquet"],
     "explain": ["explanations.jsonl"],
     "simulate": ["scores.parquet"],
     "cluster": ["clusters.json"],
@@ -171,6 +180,15 @@ def run_cache(cfg: Config) -> dict[str, Any]:
     windows, _ = art.read_parquet(out(cfg, "windows.parquet"), _expect(cfg, "sample"))
     bridge, _ = load_bridge(cfg.model, cfg.device, cfg.dtype)
     heads = choose_heads(bridge.cfg.n_layers, bridge.cfg.n_heads, cfg.max_heads, cfg.heads)
+    if (
+        cfg.head_choice == "classes"
+        and not cfg.heads
+        and len(heads) < bridge.cfg.n_layers * bridge.cfg.n_heads
+    ):
+        from head_explain.head_types import choose_heads_by_class
+
+        types, _ = art.read_parquet(out(cfg, "head_types.parquet"), {"model": cfg.model})
+        heads = choose_heads_by_class(types, heads, cfg.max_heads)
     settings = CacheSettings(
         candidates=cfg.candidates, max_events_per_window=cfg.max_events_per_window,
         top_sources=cfg.top_sources, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -185,6 +203,7 @@ def run_cache(cfg: Config) -> dict[str, Any]:
         ("raw_events.parquet", result.raw_events),
         ("head_stats.parquet", result.head_stats),
         ("activations.parquet", result.activations),
+        ("pairs.parquet", result.pairs),
     ):
         art.write_parquet(out(cfg, name), df, meta)
     return {
@@ -245,9 +264,25 @@ def run_select(cfg: Config) -> dict[str, Any]:
         score_random_examples=cfg.score_random_examples, excerpt_len=cfg.excerpt_len, seed=cfg.seed,
     )  # fmt: skip
     events = select_events(raw, windows, acts, lambda t: tok.decode([t]), settings)
+    events, evidence = _head_evidence(cfg, raw, windows, events, lambda t: tok.decode([t]))
     art.write_parquet(out(cfg, "events.parquet"), events, _meta(cfg, "select"))
+    art.write_parquet(out(cfg, "evidence.parquet"), evidence, _meta(cfg, "select"))
     return {"events": len(events), "by_split": events["split"].value_counts().to_dict(),
             "heads": int(events.groupby(["layer", "head"]).ngroups)}  # fmt: skip
+
+
+def _head_evidence(cfg: Config, raw, windows, events, token_text):
+    """evidence.parquet (from head_types.parquet and the explain pools) and the marked
+    pairs of every scoring excerpt (from pairs.parquet)."""
+    from head_explain.evidence import build_evidence
+    from head_explain.select import add_pairs, explain_pools
+
+    expect = {"model": cfg.model}
+    types, _ = art.read_parquet(out(cfg, "head_types.parquet"), expect)
+    pairs, _ = art.read_parquet(out(cfg, "pairs.parquet"), expect)
+    evidence = build_evidence(explain_pools(raw, events, cfg.topk), windows, token_text, types)
+    templates = {(int(r.layer), int(r.head)): r.pair_template for r in evidence.itertuples()}
+    return add_pairs(events, pairs, raw, templates, cfg.seed), evidence
 
 
 def _llm_metrics(backend) -> dict[str, Any]:
@@ -269,7 +304,9 @@ def run_explain(cfg: Config) -> dict[str, Any]:
     from head_explain.llm import make_backend
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
-    template = prompts.load(explain.PROMPT)
+    template = prompts.load_explain(cfg.explain_prompt)
+    ev_df, _ = art.read_parquet(out(cfg, "evidence.parquet"), {"model": cfg.model})
+    evidence = {(int(r["layer"]), int(r["head"])): r for r in ev_df.to_dict("records")}
     backend = make_backend(cfg, "explainer")
     final = out(cfg, "explanations.jsonl")
     partial = final.with_name(".explanations.jsonl.partial")
@@ -304,7 +341,14 @@ def run_explain(cfg: Config) -> dict[str, Any]:
                 _with_close(
                     backend,
                     explain.explain_all(
-                        backend, template, events, cfg.explain_max_tokens, on_row, set(done), bar
+                        backend,
+                        template,
+                        events,
+                        cfg.explain_max_tokens,
+                        on_row,
+                        set(done),
+                        bar,
+                        evidence,
                     ),
                 )
             )
@@ -330,7 +374,8 @@ async def _with_close(backend, coro):
 
 
 def run_simulate(cfg: Config) -> dict[str, Any]:
-    from head_explain import prompts, simulate
+    from head_explain import pair_scoring, prompts, simulate
+    from head_explain.headline import beats_baselines
     from head_explain.llm import make_backend
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
@@ -340,6 +385,9 @@ def run_simulate(cfg: Config) -> dict[str, Any]:
     if method == "auto":
         method = "echo" if backend.supports_echo() else "chat"
     template = prompts.load(simulate.ECHO_PROMPT if method == "echo" else simulate.CHAT_PROMPT)
+    pair_prompts = {"echo": prompts.load("pairs_echo_v1"), "chat": prompts.load("pairs_chat_v1")}
+    ev_df, _ = art.read_parquet(out(cfg, "evidence.parquet"), {"model": cfg.model})
+    evidence = {(int(r.layer), int(r.head)): r for r in ev_df.itertuples(index=False)}
     heads = sorted(expl)
     explained = [h for h in heads if expl[h]["explanation"]]
     base = simulate.baseline_assignment(explained, cfg.seed)
@@ -348,12 +396,21 @@ def run_simulate(cfg: Config) -> dict[str, Any]:
 
     async def one(key):
         other = base.get(key, key)
-        row = await simulate.score_head(
-            backend, method, template, key[0], key[1], expl[key]["explanation"],
-            expl[other]["explanation"], head_name(*other), groups.get(key, events.iloc[:0]),
+        ev = evidence.get(key)
+        head_events = groups.get(key, events.iloc[:0])
+        row, pairs = await asyncio.gather(
+            simulate.score_head(
+                backend, method, template, key[0], key[1], expl[key]["explanation"],
+                expl[other]["explanation"], head_name(*other), head_events,
+            ),
+            pair_scoring.score_pairs(
+                backend, method, pair_prompts, expl[key]["explanation"],
+                expl[other]["explanation"] if other != key else "",
+                ev.pair_template if ev is not None else "previous_token", head_events,
+            ),
         )  # fmt: skip
         bar.update(1)
-        return row
+        return {**row, "head_class": ev.head_class if ev is not None else "", **pairs}
 
     async def all_heads():
         return await asyncio.gather(*(one(k) for k in heads))
@@ -371,12 +428,20 @@ def run_simulate(cfg: Config) -> dict[str, Any]:
         "heads": len(df), "method": method, "failed": len(failed),
         "mean_score": _nanmean(df["score"]), "mean_baseline": _nanmean(df["baseline_score"]),
         "prompt_sha": template.sha, **_llm_metrics(backend),
+        **{f"mean_{c}": _nanmean(df[c]) for c in PAIR_COLUMNS},
+        "beats_baselines_easy": beats_baselines(df, "easy"),
+        "beats_baselines_hard": beats_baselines(df, "hard"),
     }  # fmt: skip
     write_stage_metrics(cfg, "simulate", metrics)
     _fail_check(
         cfg, "simulate", len(failed), len(df), failed["error"].iloc[0] if len(failed) else None
     )
     return metrics
+
+
+PAIR_COLUMNS = [
+    f"{k}_auc_{n}" for k in ("pair", "template", "shuffled") for n in ("easy", "hard")
+] + ["lift_easy", "lift_hard"]
 
 
 def _nanmean(s: pd.Series) -> float | None:
@@ -399,8 +464,14 @@ def run_report(cfg: Config) -> dict[str, Any]:
     return {**metrics, "mlflow_run_id": run_id}
 
 
+def run_head_types(cfg: Config) -> dict[str, Any]:
+    from head_explain.head_types_stage import run_head_types as head_types_stage
+
+    return head_types_stage(cfg)
+
+
 RUNNERS: dict[str, Callable[[Config], dict[str, Any]]] = {
-    "sample": run_sample, "cache": run_cache, "select": run_select, "explain": run_explain,
+    "sample": run_sample, "head_types": run_head_types, "cache": run_cache, "select": run_select, "explain": run_explain,
     "simulate": run_simulate, "cluster": run_cluster, "report": run_report,
 }  # fmt: skip
 
