@@ -23,6 +23,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from head_explain.pair_candidates import PAIRS_COLUMNS, candidate_pairs
+
 log = logging.getLogger(__name__)
 
 
@@ -276,8 +278,6 @@ class HeadActivationCache:
 
     def _record_pairs(self, layer, hs, wid, pattern, vnorm) -> None:
         """Pair-scoring candidates of one random window for the heads of a layer."""
-        from head_explain.pair_candidates import candidate_pairs
-
         tokens = self._batch[0][list(self._batch[1].tolist()).index(wid)]  # type: ignore[index]
         rng = np.random.default_rng([self.settings.seed, wid, layer, 7])
         for head, cand in zip(hs, candidate_pairs(pattern, vnorm, tokens, rng), strict=True):
@@ -365,7 +365,7 @@ class HeadActivationCache:
             raw_events=raw.sort_values(["layer", "head", "kind", "act"], ascending=[True, True, False, False]).reset_index(drop=True),
             head_stats=pd.DataFrame(stats_rows).sort_values(["layer", "head"]).reset_index(drop=True),
             activations=acts.sort_values(["layer", "head", "window_id"]).reset_index(drop=True),
-            pairs=pd.DataFrame(self.random_pairs),
+            pairs=pd.DataFrame(self.random_pairs, columns=PAIRS_COLUMNS),
         )  # fmt: skip
 
 

@@ -21,6 +21,19 @@ import torch
 EASY_FRACTION = 0.1
 N_EASY = 3  # easy negatives marked per random excerpt
 N_HARD = 3  # hard negatives marked per random excerpt
+PAIRS_COLUMNS = [
+    "layer",
+    "head",
+    "window_id",
+    "rand_src",
+    "rand_write",
+    "prev_write",
+    "self_write",
+    "dup_src",
+    "dup_write",
+    "ind_src",
+    "ind_write",
+]  # fmt: skip  (pairs.parquet, one row per head and random window, lists over positions)
 
 
 def candidate_pairs(

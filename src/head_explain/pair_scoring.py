@@ -123,6 +123,8 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, str | None]:
 
 def pair_table(events: pd.DataFrame) -> list[tuple[list[str], list[tuple[int, int]], list[str]]]:
     """(tokens, pairs, labels) of every scoring excerpt of one head that marks pairs."""
+    if "pair_label" not in events.columns:  # events made before pair marking existed
+        return []
     sc = events[events["split"].isin(["score_top", "score_random"])].sort_values(["split", "rank"])
     out = []
     for r in sc.itertuples(index=False):

@@ -189,6 +189,10 @@ def run_cache(cfg: Config) -> dict[str, Any]:
 
         types, _ = art.read_parquet(out(cfg, "head_types.parquet"), {"model": cfg.model})
         heads = choose_heads_by_class(types, heads, cfg.max_heads)
+        cls = dict(
+            zip(zip(types["layer"], types["head"], strict=True), types["head_class"], strict=True)
+        )
+        log.info("cache: heads by class: %s", {head_name(*h): cls.get(h) for h in heads})
     settings = CacheSettings(
         candidates=cfg.candidates, max_events_per_window=cfg.max_events_per_window,
         top_sources=cfg.top_sources, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -285,6 +289,16 @@ def _head_evidence(cfg: Config, raw, windows, events, token_text):
     return add_pairs(events, pairs, raw, templates, cfg.seed), evidence
 
 
+def _read_evidence(cfg: Config) -> pd.DataFrame:
+    """evidence.parquet, or no rows (with a warning) in an outdir made without it: the
+    explainer then gets no evidence block and pair scoring no class template."""
+    path = out(cfg, "evidence.parquet")
+    if not path.exists():
+        log.warning("%s is missing: explaining and scoring without head evidence", path)
+        return pd.DataFrame(columns=["layer", "head", "head_class", "pair_template"])
+    return art.read_parquet(path, {"model": cfg.model})[0]
+
+
 def _llm_metrics(backend) -> dict[str, Any]:
     return {"model": backend.model, "backend": backend.kind, "llm": backend.stats.as_dict()}
 
@@ -305,7 +319,7 @@ def run_explain(cfg: Config) -> dict[str, Any]:
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
     template = prompts.load_explain(cfg.explain_prompt)
-    ev_df, _ = art.read_parquet(out(cfg, "evidence.parquet"), {"model": cfg.model})
+    ev_df = _read_evidence(cfg)
     evidence = {(int(r["layer"]), int(r["head"])): r for r in ev_df.to_dict("records")}
     backend = make_backend(cfg, "explainer")
     final = out(cfg, "explanations.jsonl")
@@ -386,8 +400,7 @@ def run_simulate(cfg: Config) -> dict[str, Any]:
         method = "echo" if backend.supports_echo() else "chat"
     template = prompts.load(simulate.ECHO_PROMPT if method == "echo" else simulate.CHAT_PROMPT)
     pair_prompts = {"echo": prompts.load("pairs_echo_v1"), "chat": prompts.load("pairs_chat_v1")}
-    ev_df, _ = art.read_parquet(out(cfg, "evidence.parquet"), {"model": cfg.model})
-    evidence = {(int(r.layer), int(r.head)): r for r in ev_df.itertuples(index=False)}
+    evidence = {(int(r.layer), int(r.head)): r for r in _read_evidence(cfg).itertuples(index=False)}
     heads = sorted(expl)
     explained = [h for h in heads if expl[h]["explanation"]]
     base = simulate.baseline_assignment(explained, cfg.seed)
