@@ -164,7 +164,11 @@ def _run(bridge, reducer: _PatternReducer, tokens: np.ndarray, reduce_fn, bs: in
         for i in tqdm(range(0, len(tokens), bs), desc=desc, unit="batch", leave=False):
             tok = torch.as_tensor(tokens[i : i + bs], device=device).long()
             reducer.reduce = partial(reduce_fn, tokens=tok)
-            bridge.run_with_hooks(tok, fwd_hooks=reducer.hooks(), return_type=None)
+            # stop after the last block: the unembedding (~1/8 of the cost here) is not needed
+            bridge.run_with_hooks(
+                tok, fwd_hooks=reducer.hooks(), return_type=None,
+                stop_at_layer=reducer.n_layers,
+            )  # fmt: skip
 
 
 def measure_heads(
