@@ -262,9 +262,6 @@ def validate(cfg: Config) -> None:
             )
     if cfg.type_windows <= 0:
         raise ConfigError(f"key 'type_windows': {cfg.type_windows} must be a positive integer")
-    from head_explain.prompts import check_explain_prompt  # local: no import cycle
-
-    check_explain_prompt(cfg.explain_prompt)
     if cfg.window_len < 8:
         raise ConfigError(f"key 'window_len': {cfg.window_len} must be at least 8 tokens")
     if cfg.topk > cfg.candidates:

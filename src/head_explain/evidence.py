@@ -20,12 +20,16 @@ row per analysed head:
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from head_explain.heads import head_name
+
+log = logging.getLogger(__name__)
 
 MAX_SHOWN_OFFSET = 4
 FIRST = "[first token]"  # how BOS is named in the evidence
@@ -182,3 +186,14 @@ def evidence_text(ev: dict) -> str:
 
 def _list(keys, counts) -> str:
     return ", ".join(f'"{k}" ({c})' for k, c in zip(list(keys)[:4], list(counts)[:4], strict=False))
+
+
+def read_evidence(path: Path, model: str) -> pd.DataFrame:
+    """evidence.parquet, or no rows (with a warning) in an outdir made without it: the
+    explainer then gets no evidence block and pair scoring no class template."""
+    from head_explain import artifacts as art
+
+    if not Path(path).exists():
+        log.warning("%s is missing: explaining and scoring without head evidence", path)
+        return pd.DataFrame(columns=["layer", "head", "head_class", "pair_template"])
+    return art.read_parquet(path, {"model": model})[0]

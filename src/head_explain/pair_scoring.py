@@ -28,6 +28,9 @@ import pandas as pd
 from head_explain.explain import show_token
 
 YES, NO = " yes", " no"
+AUC_COLUMNS = [
+    f"{k}_auc_{n}" for k in ("pair", "template", "shuffled") for n in ("easy", "hard")
+] + ["lift_easy", "lift_hard"]
 TEMPLATE_SENTENCES = {
     "previous_token": "attends from each token to the previous token.",
     "self": "attends from each token to the token itself.",
