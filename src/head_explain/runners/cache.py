@@ -85,6 +85,7 @@ def check_reusable(cfg: Config) -> None:
     }
     for name in OUTPUTS[STAGE]:
         wants[name] = (STAGE, expected_meta(cfg, STAGE) | {"sample_hash": sample_hash})
+    wants["head_types.parquet"] = ("head_types", expected_meta(cfg, "head_types"))
     for name, (stage, want) in wants.items():
         path = out(cfg, name)
         if not path.exists():
