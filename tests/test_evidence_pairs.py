@@ -122,6 +122,16 @@ def test_mark_pairs_positive_skips_bos_and_sources_outside():
     got = mark_pairs(ev, None, 10.0, "previous_token", np.random.default_rng(0))
     assert list(got["pair_dest"]) == [4] and list(got["pair_src"]) == [3]
     assert got["pair_label"] == ["pos"] and got["pair_write"][0] == pytest.approx(4.0)
+    # the head's other top events in that window: a positive each when their
+    # destination is shown (the event itself and one outside the excerpt are not repeated)
+    others = [
+        ev,
+        _event("score_top", 4, [3], [2.0], 0, 0),
+        _event("score_top", 9, [7], [1.0], 0, 0),
+    ]
+    got = mark_pairs(ev, None, 10.0, "previous_token", np.random.default_rng(0), others)
+    assert list(got["pair_dest"]) == [4, 2] and list(got["pair_src"]) == [3, 1]
+    assert got["pair_label"] == ["pos", "pos"]
 
 
 def test_mark_pairs_negatives_are_low_write_and_inside():

@@ -94,19 +94,29 @@ def template_source(template: str, cand: Any, d: int) -> tuple[int, float]:
 
 
 def mark_pairs(
-    ev: Any, cand: Any | None, head_max: float, template: str, rng: np.random.Generator
-) -> dict[str, list]:
-    """The marked pairs of one scoring excerpt (indices into the excerpt)."""
+    ev: Any, cand: Any | None, head_max: float, template: str, rng: np.random.Generator,
+    window_top: list | None = None,
+) -> dict[str, list]:  # fmt: skip
+    """The marked pairs of one scoring excerpt (indices into the excerpt).
+
+    A held-out top excerpt marks a positive for its event and for every other top event
+    of the head in that window (`window_top`, all held out too) whose destination it shows.
+    """
     start, end = int(ev.excerpt_start), int(ev.excerpt_end)
     dests, srcs, labels, writes = [], [], [], []
     if ev.split == "score_top":
-        # The strongest source shown in the excerpt (BOS never is: a pair with BOS
-        # cannot be marked, on either side of the score).
-        shown = [i for i, s in enumerate(ev.src_pos) if start <= int(s) < end]
-        if shown:
+        for top in [ev, *(window_top or [])]:
+            d = int(top.pos)
+            # The strongest source shown in the excerpt (BOS never is: a pair with BOS
+            # cannot be marked, on either side of the score).
+            shown = [i for i, s in enumerate(top.src_pos) if start <= int(s) < end]
+            if not (start <= d < end) or not shown or (d - start) in dests:
+                continue
             i = shown[0]
-            dests, srcs, labels = [int(ev.pos) - start], [int(ev.src_pos[i]) - start], ["pos"]
-            writes = [float(ev.src_write[i])]
+            dests.append(d - start)
+            srcs.append(int(top.src_pos[i]) - start)
+            labels.append("pos")
+            writes.append(float(top.src_write[i]))
     elif cand is not None:
         limit = EASY_FRACTION * head_max
         easy, hard = [], []

@@ -168,8 +168,9 @@ def explain_pools(
 
 
 def add_pairs(
-    events: pd.DataFrame, pairs: pd.DataFrame, raw: pd.DataFrame, templates: dict, seed: int
-) -> pd.DataFrame:
+    events: pd.DataFrame, pairs: pd.DataFrame, raw: pd.DataFrame, templates: dict, seed: int,
+    topk: int,
+) -> pd.DataFrame:  # fmt: skip
     """pair_dest/pair_src/pair_label/pair_write on each scoring event (see
     pair_scoring.py): the positive of a held-out top excerpt, easy and hard negatives of
     a random excerpt. `templates`: (layer, head) -> the template hard negatives fit."""
@@ -179,6 +180,11 @@ def add_pairs(
         (int(r.layer), int(r.head), int(r.window_id)): r for r in pairs.itertuples(index=False)
     } if len(pairs) else {}  # fmt: skip
     top = raw[raw["kind"] == "top"]
+    by_window: dict[tuple[int, int, int], list] = {}
+    for (layer, head), grp in top.groupby(["layer", "head"], sort=False):
+        pool = grp.sort_values("act", ascending=False, kind="stable").head(topk)
+        for r in pool.itertuples(index=False):
+            by_window.setdefault((int(layer), int(head), int(r.window_id)), []).append(r)
     head_max = {
         (int(k[0]), int(k[1])): float(max((w[0] for w in g["src_write"] if len(w)), default=0.0))
         for k, g in top.groupby(["layer", "head"])
@@ -186,16 +192,13 @@ def add_pairs(
     rows = []
     for ev in events.itertuples(index=False):
         key = (int(ev.layer), int(ev.head))
-        rng = np.random.default_rng([seed, key[0], key[1], int(ev.window_id), 3])
+        wkey = (*key, int(ev.window_id))
+        rng = np.random.default_rng([seed, *wkey, 3])
+        scoring = ev.split in ("score_top", "score_random")
         rows.append(
             mark_pairs(
-                ev,
-                cand.get((*key, int(ev.window_id))),
-                head_max.get(key, 0.0),
-                templates.get(key, "previous_token"),
-                rng,
-            )  # fmt: skip
-            if ev.split in ("score_top", "score_random")
-            else mark_pairs(ev, None, 0.0, "", rng) | {}
-        )
+                ev, cand.get(wkey) if scoring else None, head_max.get(key, 0.0),
+                templates.get(key, "previous_token"), rng, by_window.get(wkey, []),
+            )
+        )  # fmt: skip
     return pd.concat([events.reset_index(drop=True), pd.DataFrame(rows)], axis=1)

@@ -38,7 +38,7 @@ def run(cfg: Config) -> dict[str, Any]:
     pools = explain_pools(raw, events, cfg.topk)
     evidence = build_evidence(pools, windows, lambda t: tok.decode([t]), types)
     templates = {(int(r.layer), int(r.head)): r.pair_template for r in evidence.itertuples()}
-    events = add_pairs(events, pairs, raw, templates, cfg.seed)
+    events = add_pairs(events, pairs, raw, templates, cfg.seed, cfg.topk)
     art.write_parquet(out(cfg, "events.parquet"), events, stage_meta(cfg, STAGE))
     art.write_parquet(out(cfg, "evidence.parquet"), evidence, stage_meta(cfg, STAGE))
     labels = [lab for labs in events["pair_label"] for lab in labs]
