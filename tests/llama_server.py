@@ -206,10 +206,11 @@ def prepare_artifacts(outdir: str | Path, timeout_s: float = 600) -> Path:
 
 
 def copy_artifacts(prepared: Path, outdir: str | Path) -> Path:
-    """A fresh outdir holding what the explain stage reads (events.parquet)."""
+    """A fresh outdir holding what the explain stage reads (events and evidence)."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(Path(prepared) / "events.parquet", outdir / "events.parquet")
+    shutil.copy2(Path(prepared) / "evidence.parquet", outdir / "evidence.parquet")
     return outdir
 
 

@@ -382,6 +382,10 @@ def _fake_cache_artifacts(outdir: Path, **params) -> None:
     }  # fmt: skip
     names = {"windows.parquet": {"stage": "sample", "model": cfg.model, "config_hash": sample_hash}}
     names |= {name: cache_meta for name in OUTPUTS["cache"]}
+    names["head_types.parquet"] = {
+        "stage": "head_types", "model": cfg.model,
+        "config_hash": config.config_hash(cfg, STAGE_PARAMS["head_types"]),
+    }  # fmt: skip
     for name, meta in names.items():
         cols = art.CONTRACTS[name][1]
         art.write_parquet(outdir / name, pd.DataFrame({c: [] for c in cols}), meta)

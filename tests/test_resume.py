@@ -132,6 +132,7 @@ def test_rerun_with_unusable_replies_makes_no_requests(prepared_artifacts, tmp_p
         llm="embedded",
         llm_concurrency=4,
         max_failed_fraction=1.0,
+        explain_prompt="explain_v1",  # v1's prefill path, whose empty reply is unusable
     )  # fmt: skip (only its params file is used)
     cfg = config.load_params(stage.params)
     events, _ = art.read_parquet(out / "events.parquet", {"model": SERVER_MODEL})

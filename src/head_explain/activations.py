@@ -36,6 +36,8 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
+from head_explain.pair_candidates import PAIRS_COLUMNS, candidate_pairs
+
 log = logging.getLogger(__name__)
 
 ROLES = ("pattern", "v", "z")
@@ -90,6 +92,7 @@ class CacheResult:
     activations: pd.DataFrame
     seconds: float = 0.0
     tokens: int = 0
+    pairs: pd.DataFrame | None = None  # pair-scoring candidates of the random windows
 
 
 def head_writes(
@@ -188,6 +191,7 @@ class HeadActivationCache:
         self.random_events: list[dict] = []
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._done: set[int] = set()
+        self.random_pairs: list[dict] = []
         self._batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.rng = np.random.default_rng(settings.seed)
 
@@ -326,6 +330,7 @@ class HeadActivationCache:
             if wid not in self.settings.random_window_ids:
                 continue
             acts = act[bi].cpu().numpy()
+            self._record_pairs(layer, hs, wid, pattern[bi], vnorm[bi])
             for hi, head in enumerate(hs):
                 self.random_rows.append((layer, head, wid, acts[hi].astype(np.float32)))
                 # one random (non-BOS) position per head and random window: a random event
@@ -343,6 +348,13 @@ class HeadActivationCache:
                         src_write=sw.cpu().numpy().astype(np.float32),
                     )
                 )  # fmt: skip
+
+    def _record_pairs(self, layer, hs, wid, pattern, vnorm) -> None:
+        """Pair-scoring candidates of one random window for the heads of a layer."""
+        tokens = self._batch[0][list(self._batch[1].tolist()).index(wid)]  # type: ignore[index]
+        rng = np.random.default_rng([self.settings.seed, wid, layer, 7])
+        for head, cand in zip(hs, candidate_pairs(pattern, vnorm, tokens, rng), strict=True):
+            self.random_pairs.append(dict(layer=layer, head=head, window_id=wid, **cand))
 
     # ---------------------------------------------------------------- driver
     def run(self, tokens: np.ndarray, window_ids: np.ndarray, progress: bool = True) -> CacheResult:
@@ -440,6 +452,7 @@ class HeadActivationCache:
             raw_events=raw.sort_values(["layer", "head", "kind", "act"], ascending=[True, True, False, False]).reset_index(drop=True),
             head_stats=pd.DataFrame(stats_rows).sort_values(["layer", "head"]).reset_index(drop=True),
             activations=acts.sort_values(["layer", "head", "window_id"]).reset_index(drop=True),
+            pairs=pd.DataFrame(self.random_pairs, columns=PAIRS_COLUMNS),
         )  # fmt: skip
 
     def _stats_rows(self, layer: int, hs: list[int], st: _HeadStats) -> list[dict]:

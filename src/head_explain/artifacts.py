@@ -43,6 +43,12 @@ CONTRACTS: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "activations.parquet": ("cache", ("layer", "head", "window_id", "acts")),
+    "head_types.parquet": (
+        "head_types",
+        ("layer", "head", "head_name", "head_class", "class_score", "second_class"),
+    ),
+    "pairs.parquet": ("cache", ("layer", "head", "window_id", "rand_src", "rand_write")),
+    "evidence.parquet": ("select", ("layer", "head", "head_class", "pair_template")),
     "events.parquet": (
         "select",
         ("layer", "head", "window_id", "pos", "act", "split", "rank", "src_pos", "src_attn"),

@@ -20,7 +20,7 @@ from head_explain.logs import setup_logging
 log = logging.getLogger("head_explain")
 
 SKIPS = {
-    "skip_cache": ("sample", "cache"),
+    "skip_cache": ("sample", "head_types", "cache"),
     "skip_explain": ("explain",),
     "skip_simulate": ("simulate",),
     "skip_cluster": ("cluster",),

@@ -31,6 +31,11 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LLM_BACKENDS = ("embedded", "openai")
 SIM_METHODS = ("auto", "echo", "chat")
+HEAD_CHOICES = ("spread", "classes")
+CLASS_THRESHOLDS = (
+    "class_previous_token", "class_induction", "class_duplicate_token", "class_self",
+    "class_fixed_offset", "class_bos_sink",
+)  # fmt: skip
 
 
 @dataclass
@@ -82,6 +87,34 @@ class Config:
     random_windows: int = _f(
         60, "Windows whose every token is recorded for all heads (random scoring set)."
     )
+    # --- head taxonomy (head_types stage: every head of the model) -------------------
+    type_windows: int = _f(
+        16, "Sampled windows (the first N) on which every head's natural-text pattern is measured."
+    )
+    class_previous_token: float = _f(
+        0.4,
+        "A head is previous_token when its mean attention on the previous token "
+        "(synthetic and natural text averaged) reaches this (0-1).",
+    )
+    class_induction: float = _f(
+        0.3, "induction threshold: mean attention on the token after an earlier copy (0-1)."
+    )
+    class_duplicate_token: float = _f(
+        0.3, "duplicate_token threshold: mean attention on an earlier copy of the token (0-1)."
+    )
+    class_self: float = _f(0.3, "self threshold: mean attention on the token itself (0-1).")
+    class_fixed_offset: float = _f(
+        0.3, "fixed_offset threshold: mean attention at its most common offset >= 2 (0-1)."
+    )
+    class_bos_sink: float = _f(
+        0.6, "bos_sink threshold: mean attention on BOS, used when no other template fires (0-1)."
+    )
+    head_choice: str = _f(
+        "classes",
+        "Which max_heads heads the LLM stages get: spread (even over layers) or classes "
+        "(the strongest of each head class first, then a spread). Ignored when heads is set.",
+        HEAD_CHOICES,
+    )
     # --- selection -------------------------------------------------------------------
     topk: int = _f(200, "Top-activating events per head considered by select.")
     explain_examples: int = _f(20, "Events shown to the explainer per head.")
@@ -116,6 +149,12 @@ class Config:
         " off: no cache.",
     )
     explain_max_tokens: int = _f(60, "Token limit of one explanation.")
+    explain_prompt: str = _f(
+        "explain_v2",
+        "Explain prompt: a shipped version (explain_v1, explain_v2) or the path of your own "
+        "template file (### system/user/assistant sections; $examples required, $evidence "
+        "optional).",
+    )
     max_failed_fraction: float = _f(
         0.5, "Explain/simulate exit non-zero when more than this fraction of heads fail."
     )
@@ -216,6 +255,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"key 'max_failed_fraction': {cfg.max_failed_fraction} must be between 0 and 1"
         )
+    for name in CLASS_THRESHOLDS:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(
+                f"key '{name}': {getattr(cfg, name)} is not a fraction; give a value in [0, 1]"
+            )
+    if cfg.type_windows <= 0:
+        raise ConfigError(f"key 'type_windows': {cfg.type_windows} must be a positive integer")
     if cfg.window_len < 8:
         raise ConfigError(f"key 'window_len': {cfg.window_len} must be at least 8 tokens")
     if cfg.topk > cfg.candidates:

@@ -1,4 +1,13 @@
-"""Explanations: show the explainer a head's top events, get one sentence back."""
+"""Explanations: show the explainer a head's top events, get one sentence back.
+
+Prompt v2 puts the head's measured class and evidence (evidence.py) in a short
+plain-language block before the excerpts. A backend that cannot reason over evidence
+(the embedded 135M model) is grounded by construction instead: the measured template
+clause starts its answer ("This head attends to the previous token, most strongly
+when") and the model only completes it; the clause and the model's part are recorded
+separately. The 135M-only repairs (prefill, cutting runaway chains) apply to the
+embedded backend only; a capable LLM's sentence is kept whole.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ from head_explain.prompts import PromptTemplate
 
 log = logging.getLogger(__name__)
 
-PROMPT = "explain_v1"
+PROMPT = "explain_v1"  # the v1 prompt: no evidence, the plain prefill below
 # Backends that continue a trailing assistant message get this prefill: a 135M model
 # then answers in the requested form instead of drifting into lists.
 PREFILL = "This head attends from"
@@ -43,7 +52,9 @@ def render_excerpt(tokens: list[str], dest: int, srcs: list[int]) -> str:
     return "".join(out).strip()
 
 
-def build_messages(template: PromptTemplate, head_events: pd.DataFrame) -> list[dict[str, str]]:
+def build_messages(
+    template: PromptTemplate, head_events: pd.DataFrame, evidence: dict | None = None
+) -> list[dict[str, str]]:
     """The explainer's prompt for one head from its `explain` events (ranked)."""
     ex = head_events[head_events["split"] == "explain"].sort_values("rank")
     blocks = [
@@ -53,7 +64,12 @@ def build_messages(template: PromptTemplate, head_events: pd.DataFrame) -> list[
         + pair_line(list(r.excerpt_tokens), int(r.excerpt_dest), list(r.excerpt_src))
         for i, r in enumerate(ex.itertuples(index=False), 1)
     ]
-    return template.messages(examples="\n\n".join(blocks))
+    values = {"examples": "\n\n".join(blocks)}
+    if "$evidence" in template.text or "${evidence}" in template.text:
+        from head_explain.evidence import evidence_text
+
+        values["evidence"] = evidence_text(evidence) if evidence is not None else "(not measured)"
+    return template.messages(**values)
 
 
 def pair_line(tokens: list[str], dest: int, srcs: list[int]) -> str:
@@ -67,7 +83,43 @@ def pair_line(tokens: list[str], dest: int, srcs: list[int]) -> str:
     )
 
 
-def parse_explanation(text: str) -> str:
+CLAUSES = {
+    "previous_token": "This head attends to the previous token",
+    "self": "This head attends to the current token itself",
+    "duplicate_token": "This head attends to an earlier copy of the current token",
+    "induction": "This head attends to the token that followed an earlier copy of the current token",
+    "bos_sink": "This head attends mostly to the first token of the text",
+}
+WHEN = ", most strongly when"
+
+
+def template_clause(ev: dict | None) -> str:
+    """The measured start of an embedded explanation, from the head's class/evidence."""
+    if ev is None:
+        return PREFILL
+    cls = ev["head_class"]
+    if cls in CLAUSES:
+        return CLAUSES[cls]
+    if cls == "fixed_offset":
+        return f"This head attends to the token {int(ev['top_offset'])} positions back"
+    dest = [f'"{t}"' for t in list(ev["top_dest"])[:2]]
+    src = [f'"{t}"' for t in list(ev["top_src"])[:2]]
+    if not dest or not src:
+        return PREFILL
+    return f"This head attends from tokens like {' and '.join(dest)} to tokens like {' and '.join(src)}"
+
+
+def cut_completion(text: str) -> str:
+    """The model's continuation of a clause, cut at its first sentence end or line."""
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    text = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    for mark in ("<<", ">>", "[[", "]]"):
+        text = text.replace(mark, "")
+    words = text.split()
+    return " ".join(words[:25]).rstrip(" ,;:.").strip()
+
+
+def parse_explanation(text: str, repair: bool = True) -> str:
     """One clean sentence from the reply; '' if nothing usable.
 
     Small explainers drift: a lead-in ("This head is a model that"), a list after a
@@ -75,6 +127,14 @@ def parse_explanation(text: str) -> str:
     back to the sentence it was trying to say.
     """
     text = text.strip().strip('"').strip()
+    if not repair:  # a capable LLM: its first line, whole
+        text = re.sub(r"^(this head|the head|answer|explanation)\s*[:\-]?\s*", "", text, flags=re.I)
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        first = first.replace("<<", "").replace(">>", "").replace("[[", "").replace("]]", "")
+        first = first.strip().strip('"').strip()
+        if len(first) < 3:
+            return ""
+        return first if first.endswith((".", "!", "?")) else first + "."
     found = re.search(r"\battends\b", text, flags=re.I)
     if found and found.start() < 120:
         text = text[found.start() :]
@@ -100,21 +160,32 @@ def parse_explanation(text: str) -> str:
 
 
 async def explain_head(
-    backend, template: PromptTemplate, layer: int, head: int, events: pd.DataFrame, max_tokens: int
-) -> dict[str, Any]:
+    backend, template: PromptTemplate, layer: int, head: int, events: pd.DataFrame,
+    max_tokens: int, evidence: dict | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """One head -> one explanations.jsonl row; an LLM failure is a recorded error."""
     row: dict[str, Any] = dict(
         layer=layer, head=head, head_name=head_name(layer, head), explanation="",
         explainer_model=backend.model, prompt_version=template.name, prompt_sha=template.sha,
-        prompt_tokens=0, completion_tokens=0, latency_s=0.0, cost_usd=0.0, raw=None, error=None,
+        head_class=(evidence or {}).get("head_class", ""), template_clause="",
+        model_completion="", prompt_tokens=0, completion_tokens=0, latency_s=0.0, cost_usd=0.0,
+        raw=None, error=None,
     )  # fmt: skip
-    messages = build_messages(template, events)
+    messages = build_messages(template, events, evidence)
     prefill = backend.kind == "embedded"
+    grounded = prefill and template.name != PROMPT  # v2 or a user prompt on the 135M model
+    if grounded:
+        clause = template_clause(evidence)
+        row["template_clause"] = clause.removeprefix("This head ").strip()
+        messages.append({"role": "assistant", "content": clause + WHEN})
+        return await _complete_clause(backend, messages, max_tokens, row, clause)
     if prefill:
         messages.append({"role": "assistant", "content": PREFILL})
 
     def usable(res) -> None:  # retried; if it stays unusable the verdict is cached
-        if not parse_explanation(f"{PREFILL} {res.text.lstrip()}" if prefill else res.text):
+        if not parse_explanation(
+            f"{PREFILL} {res.text.lstrip()}" if prefill else res.text, repair=prefill
+        ):
             raise ValueError(f"empty or unusable explanation (reply {res.text[:80]!r})")
 
     try:
@@ -127,10 +198,29 @@ async def explain_head(
         latency_s=round(res.latency_s, 3), cost_usd=res.cost_usd, raw=res.text,
     )  # fmt: skip
     row["explanation"] = parse_explanation(
-        f"{PREFILL} {res.text.lstrip()}" if prefill else res.text
+        f"{PREFILL} {res.text.lstrip()}" if prefill else res.text, repair=prefill
     )
+    row["model_completion"] = row["explanation"]
     if not row["explanation"]:
         row["error"] = "empty or unusable explanation"
+    return row
+
+
+async def _complete_clause(backend, messages, max_tokens: int, row: dict, clause: str) -> dict:
+    """The embedded model completes the measured clause; explanation = clause + its part."""
+    try:
+        res = await backend.chat(messages, max_tokens=max_tokens)
+    except Exception as exc:  # recorded, never a crashed stage
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        return row
+    row.update(
+        prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+        latency_s=round(res.latency_s, 3), cost_usd=res.cost_usd, raw=res.text,
+    )  # fmt: skip
+    part = cut_completion(res.text)
+    row["model_completion"] = part
+    body = clause.removeprefix("This head ").strip()
+    row["explanation"] = f"{body}{WHEN} {part}." if part else f"{body}."
     return row
 
 
@@ -142,12 +232,14 @@ async def explain_all(
     on_row: Callable[[dict[str, Any]], None],
     skip: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
     progress=None,
+    evidence: dict | None = None,
 ) -> None:
     """Explain every head in `events` not in `skip`; `on_row` sees each as it finishes."""
     groups = [(k, g) for k, g in events.groupby(["layer", "head"], sort=True) if k not in skip]
 
     async def one(key, grp):
-        row = await explain_head(backend, template, int(key[0]), int(key[1]), grp, max_tokens)
+        ev = (evidence or {}).get((int(key[0]), int(key[1])))
+        row = await explain_head(backend, template, int(key[0]), int(key[1]), grp, max_tokens, ev)
         on_row(row)
         if progress is not None:
             progress.update(1)

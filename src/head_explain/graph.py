@@ -10,7 +10,7 @@ on purpose.
 
 from __future__ import annotations
 
-STAGES = ("sample", "cache", "select", "explain", "simulate", "cluster", "report")
+STAGES = ("sample", "head_types", "cache", "select", "explain", "simulate", "cluster", "report")
 
 # The stage's DVC entry script (select_events.py: a script named select.py would shadow
 # the stdlib `select` module that DVC itself imports).
@@ -23,15 +23,23 @@ STAGE_PARAMS: dict[str, list[str]] = {
         "model", "sources", "wikitext_dir", "wikitext_config", "wikitext_split",
         "stackexchange_dir", "data_files", "windows", "window_len", "seed",
     ],
+    "head_types": [
+        "model", "device", "dtype", "batch_size", "type_windows", "class_previous_token",
+        "class_induction", "class_duplicate_token", "class_self", "class_fixed_offset",
+        "class_bos_sink", "seed",
+    ],
     "cache": [
-        "model", "device", "dtype", "batch_size", "heads", "max_heads", "candidates",
-        "max_events_per_window", "top_sources", "random_windows", "seed",
+        "model", "device", "dtype", "batch_size", "heads", "max_heads", "head_choice",
+        "candidates", "max_events_per_window", "top_sources", "random_windows", "seed",
     ],
     "select": [
         "topk", "explain_examples", "score_top_examples", "score_random_examples",
         "excerpt_len", "seed",
     ],
-    "explain": ["llm", "openai_model", "openai_base_url", "explain_max_tokens", "max_failed_fraction"],
+    "explain": [
+        "llm", "openai_model", "openai_base_url", "explain_max_tokens", "explain_prompt",
+        "max_failed_fraction",
+    ],
     "simulate": [
         "llm", "openai_model", "openai_base_url", "simulator_model", "simulation_method",
         "seed", "max_failed_fraction",
@@ -43,10 +51,14 @@ STAGE_PARAMS: dict[str, list[str]] = {
 # Artifacts each stage reads (outputs of earlier stages).
 INPUTS: dict[str, list[str]] = {
     "sample": [],
-    "cache": ["windows.parquet"],
-    "select": ["windows.parquet", "raw_events.parquet", "activations.parquet"],
-    "explain": ["events.parquet"],
-    "simulate": ["events.parquet", "explanations.jsonl"],
+    "head_types": ["windows.parquet"],
+    "cache": ["windows.parquet", "head_types.parquet"],
+    "select": [
+        "windows.parquet", "raw_events.parquet", "activations.parquet", "head_types.parquet",
+        "pairs.parquet",
+    ],
+    "explain": ["events.parquet", "evidence.parquet"],
+    "simulate": ["events.parquet", "evidence.parquet", "explanations.jsonl"],
     "cluster": ["explanations.jsonl", "scores.parquet"],
     "report": [
         "events.parquet", "explanations.jsonl", "scores.parquet", "head_stats.parquet",
@@ -56,8 +68,9 @@ INPUTS: dict[str, list[str]] = {
 
 OUTPUTS: dict[str, list[str]] = {
     "sample": ["windows.parquet"],
-    "cache": ["raw_events.parquet", "head_stats.parquet", "activations.parquet"],
-    "select": ["events.parquet"],
+    "head_types": ["head_types.parquet"],
+    "cache": ["raw_events.parquet", "head_stats.parquet", "activations.parquet", "pairs.parquet"],
+    "select": ["events.parquet", "evidence.parquet"],
     "explain": ["explanations.jsonl"],
     "simulate": ["scores.parquet"],
     "cluster": ["clusters.json"],
@@ -73,5 +86,5 @@ UNCACHED: dict[str, list[str]] = {
 # src/head_explain: every shipped version is a dep, since a param picks among them.
 DATA_FILES: dict[str, list[str]] = {
     "explain": ["prompts/explain_*.txt"],
-    "simulate": ["prompts/simulate_*.txt"],
+    "simulate": ["prompts/simulate_*.txt", "prompts/pairs_*.txt"],
 }

@@ -13,7 +13,16 @@ from typing import Any
 from head_explain.config import Config
 from head_explain.errors import ArtifactError
 from head_explain.graph import OUTPUTS, STAGE_PARAMS, STAGES
-from head_explain.runners import cache, cluster, explain, report, sample, select, simulate
+from head_explain.runners import (
+    cache,
+    cluster,
+    explain,
+    head_types,
+    report,
+    sample,
+    select,
+    simulate,
+)
 from head_explain.runners.common import check_writable, out, run_stage
 
 log = logging.getLogger(__name__)
@@ -21,7 +30,7 @@ log = logging.getLogger(__name__)
 __all__ = ["OUTPUTS", "RUNNERS", "STAGES", "STAGE_PARAMS", "run", "run_one"]
 
 RUNNERS: dict[str, ModuleType] = {
-    "sample": sample, "cache": cache, "select": select, "explain": explain,
+    "sample": sample, "head_types": head_types, "cache": cache, "select": select, "explain": explain,
     "simulate": simulate, "cluster": cluster, "report": report,
 }  # fmt: skip
 

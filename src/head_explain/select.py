@@ -148,3 +148,57 @@ def select_events(
     events = normalise(events, head_max)
     cols = [c for c in events.columns if c != "kind"]
     return events[cols]
+
+
+def explain_pools(
+    raw: pd.DataFrame, events: pd.DataFrame, topk: int
+) -> dict[tuple[int, int], pd.DataFrame]:
+    """Each head's top-`topk` pool without its held-out scoring windows: what evidence
+    is measured on, so nothing the scores test leaks into the explainer's prompt."""
+    held = {
+        (int(k[0]), int(k[1])): set(g["window_id"])
+        for k, g in events[events["split"] == "score_top"].groupby(["layer", "head"])
+    }
+    pools = {}
+    for (layer, head), grp in raw[raw["kind"] == "top"].groupby(["layer", "head"], sort=True):
+        top = grp.sort_values("act", ascending=False, kind="stable").head(topk)
+        key = (int(layer), int(head))
+        pools[key] = top[~top["window_id"].isin(held.get(key, set()))]
+    return pools
+
+
+def add_pairs(
+    events: pd.DataFrame, pairs: pd.DataFrame, raw: pd.DataFrame, templates: dict, seed: int,
+    topk: int,
+) -> pd.DataFrame:  # fmt: skip
+    """pair_dest/pair_src/pair_label/pair_write on each scoring event (see
+    pair_scoring.py): the positive of a held-out top excerpt, easy and hard negatives of
+    a random excerpt. `templates`: (layer, head) -> the template hard negatives fit."""
+    from head_explain.pair_candidates import mark_pairs
+
+    cand = {
+        (int(r.layer), int(r.head), int(r.window_id)): r for r in pairs.itertuples(index=False)
+    } if len(pairs) else {}  # fmt: skip
+    top = raw[raw["kind"] == "top"]
+    by_window: dict[tuple[int, int, int], list] = {}
+    for (layer, head), grp in top.groupby(["layer", "head"], sort=False):
+        pool = grp.sort_values("act", ascending=False, kind="stable").head(topk)
+        for r in pool.itertuples(index=False):
+            by_window.setdefault((int(layer), int(head), int(r.window_id)), []).append(r)
+    head_max = {
+        (int(k[0]), int(k[1])): float(max((w[0] for w in g["src_write"] if len(w)), default=0.0))
+        for k, g in top.groupby(["layer", "head"])
+    }
+    rows = []
+    for ev in events.itertuples(index=False):
+        key = (int(ev.layer), int(ev.head))
+        wkey = (*key, int(ev.window_id))
+        rng = np.random.default_rng([seed, *wkey, 3])
+        scoring = ev.split in ("score_top", "score_random")
+        rows.append(
+            mark_pairs(
+                ev, cand.get(wkey) if scoring else None, head_max.get(key, 0.0),
+                templates.get(key, "previous_token"), rng, by_window.get(wkey, []),
+            )
+        )  # fmt: skip
+    return pd.concat([events.reset_index(drop=True), pd.DataFrame(rows)], axis=1)

@@ -1,7 +1,9 @@
-"""Stage 'cache': windows.parquet -> raw_events, head_stats, activations (.parquet).
+"""Stage 'cache': windows.parquet (+ head_types.parquet) -> raw_events, head_stats,
+activations, pairs (.parquet).
 
 Streams the windows through the subject model and keeps bounded per-head summaries
-(see head_explain.activations).
+(see head_explain.activations). With head_choice=classes the heads are the strongest of
+each class (head_types.parquet) first, then a spread.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def run(cfg: Config) -> dict[str, Any]:
     windows, _ = art.read_parquet(out(cfg, "windows.parquet"), expected_meta(cfg, "sample"))
     bridge, _ = models.load_bridge(cfg.model, cfg.device, cfg.dtype)
     heads = choose_heads(bridge.cfg.n_layers, bridge.cfg.n_heads, cfg.max_heads, cfg.heads)
+    classes: dict[str, str] = {}
+    if cfg.head_choice == "classes" and not cfg.heads:
+        from head_explain.head_types import choose_heads_by_class
+
+        types, _ = art.read_parquet(out(cfg, "head_types.parquet"), {"model": cfg.model})
+        if len(heads) < len(types):
+            heads = choose_heads_by_class(types, heads, cfg.max_heads)
+        classes = dict(zip(types["head_name"], types["head_class"], strict=True))
     settings = CacheSettings(
         candidates=cfg.candidates, max_events_per_window=cfg.max_events_per_window,
         top_sources=cfg.top_sources, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -53,11 +63,13 @@ def run(cfg: Config) -> dict[str, Any]:
         ("raw_events.parquet", result.raw_events),
         ("head_stats.parquet", result.head_stats),
         ("activations.parquet", result.activations),
+        ("pairs.parquet", result.pairs),
     ):
         art.write_parquet(out(cfg, name), df, meta)
     return {
         "heads": [head_name(layer, head) for layer, head in heads],
         "n_heads": len(heads),
+        "head_classes": {head_name(*h): classes[head_name(*h)] for h in heads if classes},
         "model_shape": {"layers": bridge.cfg.n_layers, "heads": bridge.cfg.n_heads},
         "events": len(result.raw_events),
         "tokens": result.tokens,
@@ -73,6 +85,7 @@ def check_reusable(cfg: Config) -> None:
     }
     for name in OUTPUTS[STAGE]:
         wants[name] = (STAGE, expected_meta(cfg, STAGE) | {"sample_hash": sample_hash})
+    wants["head_types.parquet"] = ("head_types", expected_meta(cfg, "head_types"))
     for name, (stage, want) in wants.items():
         path = out(cfg, name)
         if not path.exists():

@@ -30,7 +30,9 @@ STAGE = "explain"
 
 def preflight(cfg: Config) -> None:
     from head_explain.llm import check_ready
+    from head_explain.prompts import load_explain
 
+    load_explain(cfg.explain_prompt)  # unknown version, unreadable or unfit file: ConfigError
     check_ready(cfg)
 
 
@@ -55,10 +57,13 @@ def check_reusable(cfg: Config) -> None:
 
 def run(cfg: Config) -> dict[str, Any]:
     from head_explain import explain, prompts
+    from head_explain.evidence import read_evidence
     from head_explain.llm import make_backend
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
-    template = prompts.load(explain.PROMPT)
+    template = prompts.load_explain(cfg.explain_prompt)
+    ev_df = read_evidence(out(cfg, "evidence.parquet"), cfg.model)
+    evidence = {(int(r["layer"]), int(r["head"])): r for r in ev_df.to_dict("records")}
     backend = make_backend(cfg, "explainer")
     final = out(cfg, "explanations.jsonl")
     partial = final.with_name(".explanations.jsonl.partial")
@@ -93,7 +98,14 @@ def run(cfg: Config) -> dict[str, Any]:
                 with_close(
                     backend,
                     explain.explain_all(
-                        backend, template, events, cfg.explain_max_tokens, on_row, set(done), bar
+                        backend,
+                        template,
+                        events,
+                        cfg.explain_max_tokens,
+                        on_row,
+                        set(done),
+                        bar,
+                        evidence,
                     ),
                 )
             )

@@ -1,7 +1,9 @@
-"""Stage 'simulate': events + explanations -> scores.parquet.
+"""Stage 'simulate': events + evidence + explanations -> scores.parquet.
 
 Every explained head is simulated from its own explanation and, as the baseline, from
-another head's (a seeded derangement), on the same held-out excerpts.
+another head's (a seeded derangement), on the same held-out excerpts: per-token
+correlation (simulate.py) and pair ROC-AUC against easy and hard negatives with the
+template baseline beside them (pair_scoring.py).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def run(cfg: Config) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
 
-    from head_explain import prompts, simulate
+    from head_explain import pair_scoring, prompts, simulate
+    from head_explain.evidence import read_evidence
+    from head_explain.headline import beats_baselines
     from head_explain.llm import make_backend
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
@@ -52,6 +56,11 @@ def run(cfg: Config) -> dict[str, Any]:
     if method == "auto":
         method = "echo" if backend.supports_echo() else "chat"
     template = prompts.load(simulate.ECHO_PROMPT if method == "echo" else simulate.CHAT_PROMPT)
+    pair_prompts = {"echo": prompts.load("pairs_echo_v1"), "chat": prompts.load("pairs_chat_v1")}
+    evidence = {
+        (int(r.layer), int(r.head)): r
+        for r in read_evidence(out(cfg, "evidence.parquet"), cfg.model).itertuples(index=False)
+    }
     heads = sorted(expl)
     explained = [h for h in heads if expl[h]["explanation"]]
     base = simulate.baseline_assignment(explained, cfg.seed)
@@ -60,12 +69,21 @@ def run(cfg: Config) -> dict[str, Any]:
 
     async def one(key):
         other = base.get(key, key)
-        row = await simulate.score_head(
-            backend, method, template, key[0], key[1], expl[key]["explanation"],
-            expl[other]["explanation"], head_name(*other), groups.get(key, events.iloc[:0]),
+        ev = evidence.get(key)
+        head_events = groups.get(key, events.iloc[:0])
+        row, pairs = await asyncio.gather(
+            simulate.score_head(
+                backend, method, template, key[0], key[1], expl[key]["explanation"],
+                expl[other]["explanation"], head_name(*other), head_events,
+            ),
+            pair_scoring.score_pairs(
+                backend, method, pair_prompts, expl[key]["explanation"],
+                expl[other]["explanation"] if other != key else "",
+                ev.pair_template if ev is not None else "previous_token", head_events,
+            ),
         )  # fmt: skip
         bar.update(1)
-        return row
+        return {**row, "head_class": ev.head_class if ev is not None else "", **pairs}
 
     async def all_heads():
         return await asyncio.gather(*(one(k) for k in heads))
@@ -88,6 +106,9 @@ def run(cfg: Config) -> dict[str, Any]:
         "heads": len(df), "method": method, "failed": len(failed),
         "mean_score": nanmean(df["score"]), "mean_baseline": nanmean(df["baseline_score"]),
         "prompt_sha": template.sha, **llm_metrics(backend),
+        **{f"mean_{c}": nanmean(df[c]) for c in pair_scoring.AUC_COLUMNS},
+        "beats_baselines_easy": beats_baselines(df, "easy"),
+        "beats_baselines_hard": beats_baselines(df, "hard"),
     }  # fmt: skip
     write_stage_metrics(cfg, STAGE, metrics)
     fail_check(cfg, STAGE, len(failed), len(df), failed["error"].iloc[0] if len(failed) else None)
