@@ -59,10 +59,13 @@ def run(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=len(heads), desc="simulate: heads", disable=not progress_enabled())
 
     async def one(key):
-        other = base.get(key, key)
+        # No partner (fewer than two explained heads): no baseline, never the head's own.
+        other = base.get(key)
+        has_base = other is not None and other != key
         row = await simulate.score_head(
             backend, method, template, key[0], key[1], expl[key]["explanation"],
-            expl[other]["explanation"], head_name(*other), groups.get(key, events.iloc[:0]),
+            expl[other]["explanation"] if has_base else "",
+            head_name(*other) if has_base else "", groups.get(key, events.iloc[:0]),
         )  # fmt: skip
         bar.update(1)
         return row
