@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from head_explain.artifacts import read_jsonl, read_parquet, write_json
+from head_explain.escaping import md_escape
 from head_explain.heads import head_name
-from head_explain.report import md_escape
 
 log = logging.getLogger(__name__)
 
