@@ -32,7 +32,10 @@ def test_dvc_yaml_lists_each_stage_params_and_outputs():
             if o != "metrics.json":
                 assert f"${{outdir}}/{o}" in outs, (name, o)
         assert Path(REPO / st["cmd"].split()[-1]).exists()
-        assert f"${{outdir}}/metrics/{name}.json" in [next(iter(m)) for m in st["metrics"]]
+        # per-stage metrics are plain uncached outputs; the headline is the one metric
+        assert {f"${{outdir}}/metrics/{name}.json": {"cache": False}} in st["outs"]
+        assert ("metrics" in st) == (name == "report")
+    assert stages["report"]["metrics"] == [{"${outdir}/metrics.json": {"cache": False}}]
     # select and later stages never read the params that sample and cache read
     assert "topk" not in STAGE_PARAMS["sample"] + STAGE_PARAMS["cache"]
 

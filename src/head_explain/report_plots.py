@@ -1,7 +1,7 @@
 """Plots of a report: PNGs for report.md and the CSV data behind `dvc plots`.
 
 The CSVs under plot_data/ are what `dvc plots show` / `dvc plots diff <exp>` draw with
-the definitions in dvc.yaml's top-level `plots:` (tools/dvc_yaml.py): one row per
+the definitions in dvc.yaml's top-level `plots:` (graph.PLOTS): one row per
 head, per layer or per histogram bin, so two experiments overlay point by point.
 """
 
@@ -14,24 +14,9 @@ import numpy as np
 import pandas as pd
 
 from head_explain.artifacts import atomic_path
+from head_explain.graph import PLOT_DATA, PLOTS
 
-PLOT_DATA = "plot_data"
 HIST_BINS = np.linspace(-1.0, 1.0, 21)
-# file -> (x, y columns, template, title): read by tools/dvc_yaml.py for dvc.yaml
-DVC_PLOTS: dict[str, tuple[str, list[str], str, str]] = {
-    "head_scores.csv": (
-        "position", ["score", "baseline"], "scatter",
-        "Per-head score: explanation vs shuffled baseline (x = layer + head/heads)",
-    ),
-    "head_lift.csv": (
-        "position", ["lift_easy", "lift_hard"], "scatter",
-        "Per-head pair-AUC lift over the template (x = layer + head/heads)",
-    ),
-    "score_hist.csv": (
-        "bin", ["explanation", "baseline"], "linear", "Score histogram (heads per bin)",
-    ),
-    "layer_means.csv": ("layer", ["score", "baseline"], "linear", "Per-layer mean score"),
-}  # fmt: skip
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -40,7 +25,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_plot_data(summary: pd.DataFrame, outdir: Path) -> list[Path]:
-    """The four CSVs of DVC_PLOTS under outdir/plot_data (always all four: a plot
+    """The four CSVs of graph.PLOTS under outdir/plot_data (always all four: a plot
     without its file is an error in `dvc plots`; absent values are empty cells)."""
     folder = outdir / PLOT_DATA
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,6 +50,7 @@ def write_plot_data(summary: pd.DataFrame, outdir: Path) -> list[Path]:
     )
     files = {"head_scores.csv": heads, "head_lift.csv": lift, "score_hist.csv": hist,
              "layer_means.csv": layers}  # fmt: skip
+    assert set(files) == set(PLOTS), "graph.PLOTS and the files written must agree"
     for name, df in files.items():
         _write_csv(df, folder / name)
     return [folder / n for n in files]
