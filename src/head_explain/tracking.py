@@ -252,11 +252,13 @@ def _note(cfg: Any, metrics: dict) -> str:
         v = metrics.get(key)
         return f"{float(v):.3f}" if _finite(v) else "n/a"
 
+    n_clusters = (metrics.get("detail") or {}).get("n_clusters", "n/a")
     return (
-        f"{md_escape(cfg.model)}: mean score {f('mean_score')} vs shuffled baseline "
-        f"{f('baseline_mean')} over {metrics.get('n_scored', 'n/a')} scored heads, "
-        f"{metrics.get('n_clusters', 'n/a')} clusters. Full report: artifact `report.md` "
-        "(plots under `plots/`, per-head table `summary.csv`)."
+        f"{md_escape(cfg.model)}: mean score {f('score')} over {metrics.get('scored', 'n/a')} "
+        f"scored heads; on the {metrics.get('paired', 'n/a')} heads with a shuffled baseline, "
+        f"lift {f('lift')} (95% CI {f('lift_lo')} to {f('lift_hi')}), {n_clusters} clusters. "
+        "Full report: artifact `report.md` (plots under `plots/`, per-head table "
+        "`summary.csv`, `heads_table.json`)."
     )
 
 
