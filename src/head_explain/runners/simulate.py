@@ -87,9 +87,12 @@ def run(cfg: Config) -> dict[str, Any]:
         v = s.astype(float)
         return None if v.isna().all() else round(float(np.nanmean(v)), 4)
 
+    paired = df[df["score"].notna() & df["baseline_score"].notna()]
     metrics = {
         "heads": len(df), "method": method, "failed": len(failed),
-        "mean_score": nanmean(df["score"]), "mean_baseline": nanmean(df["baseline_score"]),
+        # both means over the heads that have both numbers (headline.paired_stats)
+        "mean_score": nanmean(paired["score"]), "mean_baseline": nanmean(paired["baseline_score"]),
+        "paired": len(paired),
         "prompt_sha": template.sha, **llm_metrics(backend),
     }  # fmt: skip
     write_stage_metrics(cfg, STAGE, metrics)
