@@ -29,14 +29,14 @@ TINY = dict(
 # What `make demo` prints and the README gives: `dvc exp show` in 140 columns.
 EXP_SHOW_NARROW = [
     "dvc", "exp", "show", "--no-pager", "--only-changed", "--drop",
-    "Created|heads|explained|failed|paired|requests|tokens|tmpl_|shuf_|src/|stages/|outputs/",
+    "Created|analysed|explained|failed|paired|requests|tokens|tmpl_|shuf_|src/|stages/|outputs/",
 ]  # fmt: skip
 EXPS = {"exp-topk5": "topk=5", "exp-topk4": "topk=4"}
 
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1800) -> str:
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res.stdout + res.stderr
@@ -118,7 +118,7 @@ def test_baseline_queue_sweep_exp_show_plots_and_mlflow(tmp_path):
         files = revs[name]["data"]["metrics"]
         assert set(files) == {"outputs/metrics.json"}  # no per-stage metrics
         headline = files["outputs/metrics.json"]["data"]
-        assert headline["heads"] == 2 and {"lift", "lift_lo", "cost_usd"} <= set(headline)
+        assert headline["analysed"] == 2 and {"lift", "lift_lo", "cost_usd"} <= set(headline)
     wide = {**env, "COLUMNS": "400"}
     plain = _run(["dvc", "exp", "show", "--no-pager"], repo, wide)
     narrow = _run(EXP_SHOW_NARROW, repo, wide)

@@ -190,7 +190,7 @@ def test_summary_and_metrics(report):
     assert "NaN" not in text
     m = json.loads(text)
     assert m == {k: v for k, v in metrics.items() if k != "detail"}
-    assert m["heads"] == 6 and m["explained"] == 5 and m["scored"] == 4 and m["failed"] == 2
+    assert m["analysed"] == 6 and m["explained"] == 5 and m["scored"] == 4 and m["failed"] == 2
     assert math.isclose(m["score"], np.mean([0.0, 0.1, 0.2, 0.4]))
     # the baseline is averaged over the same 4 heads as the score, not over all 6
     assert m["paired"] == 4

@@ -213,7 +213,7 @@ def compute_metrics(
     llm = llm_totals(stage_metrics, explanations)
     explained = summary["explanation"].astype(str).str.strip() != ""
     return {
-        "heads": int(n_analysed if n_analysed is not None else len(summary)),
+        "analysed": int(n_analysed if n_analysed is not None else len(summary)),
         "explained": int(explained.sum()),
         "scored": int(np.isfinite(summary["score"].to_numpy(dtype=float)).sum()),
         "failed": int((summary["error"] != "").sum()),

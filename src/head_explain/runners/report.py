@@ -68,7 +68,7 @@ def write_report(cfg: Config, wall_times: dict | None = None) -> dict[str, Any]:
     write_text(outdir / "report.md", render_markdown(cfg, ctx, summary, wall, paired))
     log.info(
         "report: %d heads, %d scored, mean score %s, paired lift %s [%s, %s] over %d heads",
-        headline["heads"], headline["scored"], fmt(headline["score"]), fmt(headline["lift"]),
+        headline["analysed"], headline["scored"], fmt(headline["score"]), fmt(headline["lift"]),
         fmt(headline["lift_lo"]), fmt(headline["lift_hi"]), headline["paired"],
     )  # fmt: skip
     return {**headline, "detail": detail_metrics(summary, ctx["clusters"], sm, ex, cfg.seed)}
