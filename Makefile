@@ -12,6 +12,9 @@ export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
+# `dvc exp show` in 140 columns: changed columns only, headline metrics only.
+EXP_SHOW := dvc exp show --only-changed --drop 'Created|analysed|explained|failed|paired|requests|tokens|tmpl_|shuf_|src/|stages/|outputs/'
+
 .PHONY: demo test lint format bench clean
 
 $(BIN)/python:
@@ -38,7 +41,9 @@ demo: $(VENV)/.installed
 	@echo "Artifacts in outputs/:"; ls -1 outputs
 	@echo
 	@echo "Report:      $(CURDIR)/outputs/report.md"
-	@echo "Metrics:     $(BIN)/dvc metrics show"
+	@echo "Metrics:     $(BIN)/dvc metrics show   (the headline: outputs/metrics.json)"
+	@echo "Experiments: $(BIN)/$(EXP_SHOW)"
+	@echo "Plots:       $(BIN)/dvc plots show   (or: dvc plots diff <exp>)"
 	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: $(VENV)/.dev-installed

@@ -14,7 +14,7 @@ import pytest
 
 from head_explain import config
 from head_explain.artifacts import write_json, write_jsonl, write_parquet
-from head_explain.report import md_escape, render_excerpt
+from head_explain.escaping import md_escape, render_excerpt
 from head_explain.runners.report import write_report
 
 NASTY = "| <script>alert(1)</script> ** [x](y) `code` _u_ # h\nsecond line"
@@ -189,16 +189,30 @@ def test_summary_and_metrics(report):
     text = (outdir / "metrics.json").read_text()
     assert "NaN" not in text
     m = json.loads(text)
-    assert m == metrics
-    assert m["n_heads"] == 6 and m["n_scored"] == 4 and m["n_clusters"] == 2
-    assert math.isclose(m["mean_score"], np.mean([0.0, 0.1, 0.2, 0.4]))
-    assert math.isclose(m["frac_above_0_5"], 0.0)
-    assert math.isclose(m["noise_fraction"], 1 / 5)
-    assert m["prompt_tokens"] == 1200 and m["llm_requests"] == 12 and m["llm_cache_hits"] == 4
-    assert math.isclose(m["cost_usd"], 0.012)
-    plot_rows = list(csv.DictReader((outdir / "plots" / "scores.csv").open()))
-    assert list(plot_rows[0]) == ["head", "layer", "score", "baseline_score"]
-    assert len(plot_rows) == 6
+    assert m == {k: v for k, v in metrics.items() if k != "detail"}
+    assert m["analysed"] == 6 and m["explained"] == 5 and m["scored"] == 4 and m["failed"] == 2
+    assert math.isclose(m["score"], np.mean([0.0, 0.1, 0.2, 0.4]))
+    # the baseline is averaged over the same 4 heads as the score, not over all 6
+    assert m["paired"] == 4
+    assert math.isclose(m["baseline"], np.mean([0.0, 0.01, 0.02, 0.04]), abs_tol=1e-4)
+    assert math.isclose(m["lift"], np.mean([0.0, 0.09, 0.18, 0.36]), abs_tol=1e-4)
+    assert m["lift_lo"] <= m["lift"] <= m["lift_hi"] and m["above"] == 0.75
+    assert m["requests"] == 12 and m["tokens"] == 1320 and math.isclose(m["cost_usd"], 0.012)
+    assert not any(k.startswith(("auc_", "tmpl_")) for k in m)  # no pair scoring here
+    d = metrics["detail"]
+    assert d["n_clusters"] == 2 and math.isclose(d["noise_fraction"], 1 / 5)
+    assert math.isclose(d["frac_above_0_5"], 0.0) and d["llm_cache_hits"] == 4
+    assert d["paired"]["n_missing"] == 2
+    assert sorted(d["no_score_reasons"].values()) == [1, 1]
+    assert "simulate: parse failed" in d["no_score_reasons"]
+    plot_rows = list(csv.DictReader((outdir / "plot_data" / "head_scores.csv").open()))
+    assert list(plot_rows[0]) == ["head", "position", "score", "baseline"]
+    assert len(plot_rows) == 6 and plot_rows[5]["position"] == "2.5000"
+    hist = list(csv.DictReader((outdir / "plot_data" / "score_hist.csv").open()))
+    assert sum(int(r["explanation"]) for r in hist) == 4
+    assert sum(int(r["baseline"]) for r in hist) == 6
+    layers = list(csv.DictReader((outdir / "plot_data" / "layer_means.csv").open()))
+    assert [r["layer"] for r in layers] == ["0", "1", "2"]
 
 
 def test_no_clusters_no_scores(tmp_path):
@@ -214,7 +228,9 @@ def test_no_clusters_no_scores(tmp_path):
     cfg = config.build({"outdir": str(tmp_path)})
     m = write_report(cfg)
     md = (tmp_path / "report.md").read_text()
-    assert m["mean_score"] is None and m["n_scored"] == 0 and m["n_clusters"] is None
+    assert m["score"] is None and m["scored"] == 0 and m["detail"]["n_clusters"] is None
+    assert m["lift"] is None and m["paired"] == 0
+    assert "no comparison with the shuffled baseline" in md
     assert "NaN" not in (tmp_path / "metrics.json").read_text()
     assert "run the `cluster` stage" in md and "No head has a finite score." in md
     assert (tmp_path / "plots" / "score_hist.png").exists()
@@ -227,7 +243,7 @@ def test_empty_cluster_list(tmp_path):
     write_json(tmp_path / "clusters.json", data)
     m = write_report(config.build({"outdir": str(tmp_path)}))
     md = (tmp_path / "report.md").read_text()
-    assert m["n_clusters"] == 0
+    assert m["detail"]["n_clusters"] == 0
     assert "No clusters were found." in md and "Noise (2): L0H0, L0H1" in md
 
 
@@ -241,3 +257,26 @@ def test_duplicate_head_rows_keep_the_latest(tmp_path):
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(rows) == 6
     assert [r["explanation"] for r in rows if r["head"] == "L0H1"] == ["retried text"]
+
+
+def test_head_without_baseline_is_left_out_and_named(tmp_path):
+    """A scored head with no partner has no baseline: not paired, its reason shown."""
+    write_artifacts(tmp_path)
+    from head_explain.artifacts import read_parquet
+
+    sc, meta = read_parquet(tmp_path / "scores.parquet")
+    sc["baseline_error"] = None
+    sc.loc[0, ["baseline_score", "baseline_from", "baseline_error"]] = (
+        np.nan, "", "no baseline: no other explained head to borrow an explanation from",
+    )  # fmt: skip
+    write_parquet(tmp_path / "scores.parquet", sc, meta)
+    m = write_report(config.build({"outdir": str(tmp_path)}))
+    md = (tmp_path / "report.md").read_text()
+    assert m["scored"] == 4 and m["paired"] == 3
+    assert math.isclose(m["baseline"], np.mean([0.01, 0.02, 0.04]), abs_tol=1e-4)
+    assert m["detail"]["no_baseline_reasons"] == {
+        "no baseline: no other explained head to borrow an explanation from": 1
+    }
+    assert "on the same 3 heads" in md and "Scored without a baseline (1): L0H0 (no baseline" in md
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert rows[0]["baseline_note"].startswith("no baseline")

@@ -16,6 +16,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_report import write_artifacts  # noqa: E402
 
 SECRET = "sk-test-do-not-log-0123456789"
+T0 = 1_760_000_000.0
+
+
+def write_llm_calls(out: Path) -> None:
+    """Per-request records as the LLM stages write them: L0H0 explained (one cached
+    call) and simulated (two calls, one failed)."""
+    rec = dict(model="sim-m", prompt_tokens=100, completion_tokens=10, cost_usd=0.002, error=None)
+    explain = [
+        {**rec, "stage": "explain", "head": "L0H0", "role": "explainer", "op": "chat",
+         "latency_s": 1.5, "start_time": T0, "cached": False},
+        {**rec, "stage": "explain", "head": "L0H1", "role": "explainer", "op": "chat",
+         "latency_s": 0.0, "start_time": T0 + 2, "cached": True, "cost_usd": 0.002},
+    ]  # fmt: skip
+    simulate = [
+        {**rec, "stage": "simulate", "head": "L0H0", "role": "simulator", "op": "score",
+         "latency_s": 0.5, "start_time": T0 + 3 + i, "cached": False,
+         "error": "HTTP 500" if i else None}
+        for i in range(2)
+    ]  # fmt: skip
+    (out / "llm_calls").mkdir(parents=True, exist_ok=True)
+    for name, recs in (("explain", explain), ("simulate", simulate)):
+        lines = [json.dumps(r) for r in recs] + ["not json"]
+        (out / "llm_calls" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +47,7 @@ def logged(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow")
     out = tmp / "outputs"
     write_artifacts(out)
+    write_llm_calls(out)
     cfg = config.build(
         {
             "outdir": str(out),
@@ -48,11 +72,17 @@ def logged(tmp_path_factory):
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         plots = {a.path for a in client.list_artifacts(run_id, "plots")}
         local = client.download_artifacts(run_id, "report.md", str(tmp / "dl"))
+        exp_id = runs[0].info.experiment_id
+        traces = mlflow.search_traces(locations=[exp_id], run_id=run_id, return_type="list")
+        table = json.loads(
+            Path(client.download_artifacts(run_id, "heads_table.json", str(tmp / "t"))).read_text()
+        )
         second = log_run(cfg, out, metrics)  # the experiment exists now
         mlflow.set_tracking_uri(None)
     return {
         "tmp": tmp, "out": out, "run_id": run_id, "runs": runs, "artifacts": artifacts,
         "plots": plots, "report": Path(local).read_text(), "second": second,
+        "traces": traces, "table": table,
     }  # fmt: skip
 
 
@@ -67,7 +97,8 @@ def test_run_params_metrics_tags(logged):
     assert "score/L1H1" not in m and "score/L2H1" not in m  # NaN scores are skipped
     assert m["baseline/L1H1"] == pytest.approx(0.03)
     assert m["layer_mean/L0"] == pytest.approx(0.05)
-    assert m["mean_score"] == pytest.approx(0.175) and m["n_clusters"] == 2
+    assert m["score"] == pytest.approx(0.175) and m["n_clusters"] == 2
+    assert m["lift"] == pytest.approx(0.1575, abs=1e-4) and m["paired"] == 4
     assert m["seconds/cache"] == 2.0 and m["llm/explain/prompt_tokens"] == 600
     assert m["prompt_tokens"] == 1200 and m["cost_usd"] == pytest.approx(0.012)
     assert t["model"] == "gpt2" and t["explainer_model"] == "gpt-4o-mini"
@@ -88,8 +119,8 @@ def test_artifacts_readable(logged):
     assert {"report.md", "summary.csv", "clusters.json", "explanations.jsonl"} <= {
         Path(a).name for a in logged["artifacts"]
     }
-    assert {"scores.parquet", "plots"} <= logged["artifacts"]
-    assert {"plots/score_map.png", "plots/score_hist.png", "plots/scores.csv"} <= logged["plots"]
+    assert {"scores.parquet", "plots", "heads_table.json"} <= logged["artifacts"]
+    assert {"plots/score_map.png", "plots/score_hist.png"} <= logged["plots"]
     assert logged["report"] == (logged["out"] / "report.md").read_text()
     # artifacts live beside the db, not in the cwd
     assert list((logged["tmp"] / "mlartifacts").rglob("report.md"))
@@ -112,3 +143,34 @@ def test_tracking_uri(monkeypatch, tmp_path):
     assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
     assert tracking_uri() == "http://localhost:5000"
+
+
+def test_heads_table_beside_scores(logged):
+    table = logged["table"]
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert [r["head"] for r in rows] == ["L0H0", "L0H1", "L1H0", "L1H1", "L2H0", "L2H1"]
+    assert rows[0]["explanation"].startswith("| <script>")  # raw text: the UI escapes it
+    assert rows[4]["score"] == pytest.approx(0.4) and rows[4]["baseline_score"] == 0.04
+    assert rows[3]["score"] is None and "parse failed" in rows[3]["error"]
+
+
+def test_llm_calls_are_traces_of_the_run(logged):
+    by_name = {
+        t.info.tags.get("mlflow.traceName") or t.data.spans[0].name: t for t in logged["traces"]
+    }
+    assert set(by_name) == {"explain L0H0", "explain L0H1", "simulate L0H0"}
+    sim = by_name["simulate L0H0"]
+    spans = [s for s in sim.data.spans if s.parent_id]
+    assert len(spans) == 2 and all(s.attributes["model"] == "sim-m" for s in spans)
+    assert sorted(s.attributes["error"] for s in spans) == ["", "HTTP 500"]
+    assert sim.info.state.value == "ERROR" or str(sim.info.state).endswith("ERROR")
+    first = min(spans, key=lambda s: s.start_time_ns)
+    assert first.start_time_ns == int(T0 + 3) * 10**9
+    assert first.end_time_ns - first.start_time_ns == 500_000_000  # the recorded latency
+    (cached,) = [s for s in by_name["explain L0H1"].data.spans if s.parent_id]
+    assert cached.attributes["cached"] is True and cached.attributes["cost_usd"] == 0.0
+    (paid,) = [s for s in by_name["explain L0H0"].data.spans if s.parent_id]
+    assert paid.attributes["cost_usd"] == pytest.approx(0.002)
+    assert paid.attributes["mlflow.chat.tokenUsage"]["total_tokens"] == 110
+    assert all(t.info.request_metadata.get("mlflow.sourceRun") == logged["run_id"]
+               for t in logged["traces"])  # fmt: skip

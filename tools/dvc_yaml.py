@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +22,10 @@ sys.path.insert(0, str(SRC))
 from head_explain.graph import (  # noqa: E402
     DATA_FILES,
     INPUTS,
+    METRICS,
     OUTPUTS,
+    PLOT_DATA,
+    PLOTS,
     SCRIPTS,
     STAGE_PARAMS,
     STAGES,
@@ -96,25 +100,23 @@ def render() -> str:
         lines += [f"    - {d}" for d in stage_deps(stage)]
         lines += [f"    - ${{outdir}}/{a}" for a in INPUTS[stage]]
         lines += ["    params:", *[f"    - {p}" for p in STAGE_PARAMS[stage]], "    outs:"]
-        metrics = [f"metrics/{stage}.json"]
         for name in OUTPUTS[stage]:
-            if name == "metrics.json":  # a DVC metric, not a plain output
-                metrics.append(name)
-            else:
+            if (stage, name) != METRICS:
                 lines.append(f"    - ${{outdir}}/{name}")
-        for name in UNCACHED.get(stage, []):
+        # per-stage metrics: a plain output (timings, counts), not a DVC metric
+        for name in [*UNCACHED.get(stage, []), f"metrics/{stage}.json"]:
             lines += [f"    - ${{outdir}}/{name}:", "        cache: false"]
-        lines.append("    metrics:")
-        for name in metrics:
-            lines += [f"    - ${{outdir}}/{name}:", "        cache: false"]
-        if stage == "report":
-            lines += [
-                "    plots:",
-                "    - ${outdir}/plots/scores.csv:",
-                "        x: head",
-                "        y: score",
-                "        title: Simulation score per head",
-            ]
+        if stage == METRICS[0]:
+            lines += ["    metrics:", f"    - ${{outdir}}/{METRICS[1]}:", "        cache: false"]
+    lines.append("plots:")
+    for name, (x, ys, template, title) in PLOTS.items():
+        lines += [
+            f"- ${{outdir}}/{PLOT_DATA}/{name}:",
+            f"    template: {template}",
+            f"    x: {x}",
+            f"    y: [{', '.join(ys)}]",
+            f"    title: {json.dumps(title)}",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -220,7 +220,7 @@ def cluster_heads(
         "min_cluster_size": int(min_cluster_size),
         "n_heads": len(names),
         "n_embedded": len(v_names),
-        "algorithm": "hdbscan",
+        "algorithm": "sklearn.cluster.HDBSCAN",
         "metric": "euclidean (unit vectors)",
     }
     out: dict[str, Any] = {"params": params, "clusters": [], "noise": [], "failed": failed}
@@ -233,11 +233,11 @@ def cluster_heads(
         )
         return out
 
-    import hdbscan
+    from sklearn.cluster import HDBSCAN
 
     labels = (
-        hdbscan.HDBSCAN(min_cluster_size=mcs, min_samples=min(mcs, n - 1), metric="euclidean")
-        .fit(emb)
+        HDBSCAN(min_cluster_size=mcs, min_samples=min(mcs, n - 1), metric="euclidean", copy=True)
+        .fit(np.asarray(emb, dtype=np.float64))
         .labels_
     )
     ids = sorted({int(x) for x in labels if x >= 0})

@@ -77,14 +77,41 @@ OUTPUTS: dict[str, list[str]] = {
     "report": ["report.md", "summary.csv", "metrics.json", "mlflow_run.json"],
 }
 
-# Outputs DVC keeps out of its cache (small, rewritten every run, or read by DVC itself).
+# The one DVC metrics file: the headline of a run (`dvc exp show`, `dvc metrics diff`).
+# Per-stage metrics (metrics/<stage>.json: timings, counts, hashes) are plain outputs.
+METRICS = ("report", "metrics.json")
+
+# `dvc plots show` / `dvc plots diff <exp>`: data file under outdir/plot_data (written
+# by the report stage) -> (x, y columns, DVC template, title).
+PLOT_DATA = "plot_data"
+PLOTS: dict[str, tuple[str, list[str], str, str]] = {
+    "head_scores.csv": (
+        "position", ["score", "baseline"], "scatter",
+        "Per-head score: explanation vs shuffled baseline (x = layer + head/heads)",
+    ),
+    "head_lift.csv": (
+        "position", ["lift_easy", "lift_hard"], "scatter",
+        "Per-head pair-AUC lift over the template (x = layer + head/heads)",
+    ),
+    "score_hist.csv": (
+        "bin", ["explanation", "baseline"], "linear", "Score histogram (heads per bin)",
+    ),
+    "layer_means.csv": ("layer", ["score", "baseline"], "linear", "Per-layer mean score"),
+}  # fmt: skip
+
+# Outputs DVC keeps out of its cache (small, rewritten every run, or read by DVC itself;
+# the plot data is committed to git with metrics.json so `dvc plots diff` sees it).
 UNCACHED: dict[str, list[str]] = {
-    "report": ["plots/score_map.png", "plots/score_hist.png"],
-}
+    "report": [
+        "plots/score_map.png", "plots/score_hist.png",
+        *[f"{PLOT_DATA}/{name}" for name in PLOTS],
+    ],
+}  # fmt: skip
 
 # Non-Python files of the package a stage reads (prompt templates), as globs under
 # src/head_explain: every shipped version is a dep, since a param picks among them.
 DATA_FILES: dict[str, list[str]] = {
     "explain": ["prompts/explain_*.txt"],
     "simulate": ["prompts/simulate_*.txt", "prompts/pairs_*.txt"],
+    "report": ["templates/*.j2"],
 }

@@ -34,6 +34,7 @@ ECHO_PROMPT = "simulate_echo_v1"
 CHAT_PROMPT = "simulate_chat_v1"
 ECHO_VALUES = [str(i) for i in range(10)]
 PLACEHOLDER = "unknown"
+NO_BASELINE = "no baseline: no other explained head to borrow an explanation from"
 
 
 @dataclass
@@ -225,7 +226,7 @@ async def score_head(
         layer=layer, head=head, score=math.nan, score_top=math.nan, score_random=math.nan,
         baseline_score=math.nan, baseline_from=baseline_from, method=method,
         simulator_model=backend.model, n_tokens=int(sum(len(e.tokens) for e in excerpts)),
-        n_failed=0, error=None,
+        n_failed=0, error=None, baseline_error=None,
     )  # fmt: skip
     if not explanation:
         row["error"] = "no explanation to score"
@@ -233,12 +234,18 @@ async def score_head(
     if not excerpts:
         row["error"] = "no scoring excerpts"
         return row
-    (preds, errs), (base_preds, base_errs) = await asyncio.gather(
-        simulate_set(backend, method, template, explanation, excerpts),
-        simulate_set(backend, method, template, baseline_explanation or explanation, excerpts),
-    )
+    if not baseline_explanation:  # scoring the head's own text again is no baseline
+        row["baseline_from"] = ""
+        row["baseline_error"] = NO_BASELINE
+        preds, errs = await simulate_set(backend, method, template, explanation, excerpts)
+        base_errs: list[str] = []
+    else:
+        (preds, errs), (base_preds, base_errs) = await asyncio.gather(
+            simulate_set(backend, method, template, explanation, excerpts),
+            simulate_set(backend, method, template, baseline_explanation, excerpts),
+        )
+        row["baseline_score"] = pooled_scores(excerpts, base_preds)["score"]
     row.update(pooled_scores(excerpts, preds))
-    row["baseline_score"] = pooled_scores(excerpts, base_preds)["score"]
     failed_slots = sum(int(np.isnan(p).sum()) for p in preds if p is not None)
     row["n_failed"] = sum(p is None or bool(np.isnan(p).any()) for p in preds)  # excerpts
     if errs:

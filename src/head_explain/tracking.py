@@ -23,8 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from head_explain.artifacts import read_jsonl, read_parquet, write_json
+from head_explain.escaping import md_escape
 from head_explain.heads import head_name
-from head_explain.report import md_escape
+from head_explain.run_records import (
+    detail_numbers,
+    log_heads_table,
+    log_llm_traces,
+    per_head_extra_metrics,
+    read_llm_calls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +214,9 @@ def _log_run(cfg: Any, outdir: Path, metrics: dict) -> str:
         for i in range(0, len(params), PARAM_BATCH):
             client.log_batch(run_id, params=params[i : i + PARAM_BATCH], synchronous=True)
         now = int(time.time() * 1000)
-        ms = [Metric(k, v, now, 0) for k, v in collect_metrics(outdir, metrics).items()]
+        values = collect_metrics(outdir, metrics) | detail_numbers(metrics)
+        values |= per_head_extra_metrics(outdir)
+        ms = [Metric(k, v, now, 0) for k, v in values.items()]
         for i in range(0, len(ms), METRIC_BATCH):
             client.log_batch(run_id, metrics=ms[i : i + METRIC_BATCH], synchronous=True)
         client.log_batch(run_id, tags=[RunTag("mlflow.note.content", _note(cfg, metrics))])
@@ -216,6 +225,9 @@ def _log_run(cfg: Any, outdir: Path, metrics: dict) -> str:
                 client.log_artifact(run_id, str(outdir / name))
         if (outdir / "plots").is_dir():
             client.log_artifacts(run_id, str(outdir / "plots"), artifact_path="plots")
+        log_heads_table(client, run_id, outdir)
+        n_traces = _log_traces(client, uri, exp_id, run_id, outdir)
+        log.info("mlflow: heads table and %d LLM call trace(s) logged", n_traces)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -240,9 +252,25 @@ def _note(cfg: Any, metrics: dict) -> str:
         v = metrics.get(key)
         return f"{float(v):.3f}" if _finite(v) else "n/a"
 
+    n_clusters = (metrics.get("detail") or {}).get("n_clusters", "n/a")
     return (
-        f"{md_escape(cfg.model)}: mean score {f('mean_score')} vs shuffled baseline "
-        f"{f('baseline_mean')} over {metrics.get('n_scored', 'n/a')} scored heads, "
-        f"{metrics.get('n_clusters', 'n/a')} clusters. Full report: artifact `report.md` "
-        "(plots under `plots/`, per-head table `summary.csv`)."
+        f"{md_escape(cfg.model)}: mean score {f('score')} over {metrics.get('scored', 'n/a')} "
+        f"scored heads; on the {metrics.get('paired', 'n/a')} heads with a shuffled baseline, "
+        f"lift {f('lift')} (95% CI {f('lift_lo')} to {f('lift_hi')}), {n_clusters} clusters. "
+        "Full report: artifact `report.md` (plots under `plots/`, per-head table "
+        "`summary.csv`, `heads_table.json`)."
     )
+
+
+def _log_traces(client: Any, uri: str, exp_id: str, run_id: str, outdir: Path) -> int:
+    """LLM call records -> traces in this run's store (exported synchronously, so they
+    are there when the stage ends; the exporter binds the global URI when it starts)."""
+    if not read_llm_calls(outdir):
+        return 0
+    import mlflow
+    import mlflow.tracing
+
+    os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
+    mlflow.set_tracking_uri(uri)
+    mlflow.tracing.reset()
+    return log_llm_traces(client, exp_id, run_id, outdir)

@@ -1,5 +1,6 @@
-"""Stage 'report': every earlier artifact -> report.md, summary.csv, metrics.json,
-plots/ and one MLflow run (mlflow_run.json links it back)."""
+"""Stage 'report': every earlier artifact -> report.md, summary.csv, the headline
+metrics.json (the one DVC metrics file), plots/, plot_data/ (for `dvc plots`) and one
+MLflow run (mlflow_run.json links it back)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,6 @@ from typing import Any
 
 from head_explain.artifacts import atomic_path, write_json, write_text
 from head_explain.config import Config
-from head_explain.report import (
-    build_summary,
-    compute_metrics,
-    fmt,
-    is_finite,
-    load_inputs,
-    plot_score_hist,
-    plot_score_map,
-    render_markdown,
-)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +28,23 @@ def run(cfg: Config) -> dict[str, Any]:
     return {**metrics, "mlflow_run_id": run_id}
 
 
+def _n_analysed(ctx: dict, n_summary: int) -> int:
+    """Heads the cache stage analysed (head_stats), at least the heads in the summary."""
+    hs = ctx["head_stats"]
+    if hs is None or hs.empty:
+        return n_summary
+    return max(n_summary, len(hs[["layer", "head"]].drop_duplicates()))
+
+
 def write_report(cfg: Config, wall_times: dict | None = None) -> dict[str, Any]:
-    """Write report.md, summary.csv, metrics.json and plots/; return metrics."""
+    """Write report.md, summary.csv, metrics.json, plots/ and plot_data/; return the
+    headline metrics plus the details (the details go to metrics/report.json only)."""
+    from head_explain.escaping import fmt, is_finite
+    from head_explain.headline import paired_stats
+    from head_explain.report import build_summary, compute_metrics, detail_metrics, load_inputs
+    from head_explain.report_md import render_markdown
+    from head_explain.report_plots import plot_score_hist, plot_score_map, write_plot_data
+
     outdir = Path(cfg.outdir)
     ctx = load_inputs(outdir)
     summary = build_summary(ctx["explanations"], ctx["scores"], ctx["head_stats"], ctx["clusters"])
@@ -52,12 +58,17 @@ def write_report(cfg: Config, wall_times: dict | None = None) -> dict[str, Any]:
     plots.mkdir(parents=True, exist_ok=True)
     plot_score_map(summary, plots / "score_map.png")
     plot_score_hist(summary, plots / "score_hist.png")
-    with atomic_path(plots / "scores.csv") as tmp:
-        summary[["head", "layer", "score", "baseline_score"]].to_csv(tmp, index=False)
+    write_plot_data(summary, outdir)
     with atomic_path(outdir / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    metrics = compute_metrics(summary, ctx["clusters"], ctx["stage_metrics"], ctx["explanations"])
-    write_json(outdir / "metrics.json", metrics)
-    write_text(outdir / "report.md", render_markdown(cfg, ctx, summary, wall))
-    log.info("report: %d heads, mean score %s", metrics["n_heads"], fmt(metrics["mean_score"]))
-    return metrics
+    sm, ex = ctx["stage_metrics"], ctx["explanations"]
+    headline = compute_metrics(summary, sm, ex, _n_analysed(ctx, len(summary)), cfg.seed)
+    write_json(outdir / "metrics.json", headline)
+    paired = paired_stats(summary["score"], summary["baseline_score"], cfg.seed)
+    write_text(outdir / "report.md", render_markdown(cfg, ctx, summary, wall, paired))
+    log.info(
+        "report: %d heads, %d scored, mean score %s, paired lift %s [%s, %s] over %d heads",
+        headline["analysed"], headline["scored"], fmt(headline["score"]), fmt(headline["lift"]),
+        fmt(headline["lift_lo"]), fmt(headline["lift_hi"]), headline["paired"],
+    )  # fmt: skip
+    return {**headline, "detail": detail_metrics(summary, ctx["clusters"], sm, ex, cfg.seed)}

@@ -68,17 +68,19 @@ def run(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=len(heads), desc="simulate: heads", disable=not progress_enabled())
 
     async def one(key):
-        other = base.get(key, key)
+        # No partner (fewer than two explained heads): no baseline, never the head's own.
+        other = base.get(key)
+        has_base = other is not None and other != key
+        other_text = expl[other]["explanation"] if has_base else ""
         ev = evidence.get(key)
         head_events = groups.get(key, events.iloc[:0])
         row, pairs = await asyncio.gather(
             simulate.score_head(
                 backend, method, template, key[0], key[1], expl[key]["explanation"],
-                expl[other]["explanation"], head_name(*other), head_events,
+                other_text, head_name(*other) if has_base else "", head_events,
             ),
             pair_scoring.score_pairs(
-                backend, method, pair_prompts, expl[key]["explanation"],
-                expl[other]["explanation"] if other != key else "",
+                backend, method, pair_prompts, expl[key]["explanation"], other_text,
                 ev.pair_template if ev is not None else "previous_token", head_events,
             ),
         )  # fmt: skip
@@ -102,9 +104,12 @@ def run(cfg: Config) -> dict[str, Any]:
         v = s.astype(float)
         return None if v.isna().all() else round(float(np.nanmean(v)), 4)
 
+    paired = df[df["score"].notna() & df["baseline_score"].notna()]
     metrics = {
         "heads": len(df), "method": method, "failed": len(failed),
-        "mean_score": nanmean(df["score"]), "mean_baseline": nanmean(df["baseline_score"]),
+        # both means over the heads that have both numbers (headline.paired_stats)
+        "mean_score": nanmean(paired["score"]), "mean_baseline": nanmean(paired["baseline_score"]),
+        "paired": len(paired),
         "prompt_sha": template.sha, **llm_metrics(backend),
         **{f"mean_{c}": nanmean(df[c]) for c in pair_scoring.AUC_COLUMNS},
         "beats_baselines_easy": beats_baselines(df, "easy"),
