@@ -4,7 +4,11 @@ Every parquet artifact carries in its schema metadata the stage that wrote it, t
 subject model, a hash of the params that shaped it and the schema version, so a reader
 refuses a stale or foreign file with a message naming the stage to rerun. Every write
 goes to a temp file in the same folder and is renamed into place: a killed stage never
-leaves a truncated file that DVC would cache.
+leaves a truncated file that DVC would cache. A stage with several outputs writes them
+all to temp files first and renames them only when every one is complete, each stamped
+with one shared run token, so a reader refuses a set mixed from two runs. Every read
+checks the file against its contract (columns and their types, JSON row fields) and
+turns any decoding failure into an ArtifactError naming the file.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,33 @@ CONTRACTS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
 }  # fmt: skip
 
+# Column kinds checked on read (a foreign file with the right names but wrong types).
+COLUMN_KINDS: dict[str, str] = {
+    "layer": "int", "head": "int", "window_id": "int", "pos": "int", "act": "float",
+    "tokens": "list", "text": "str", "acts": "list", "src_pos": "list", "score": "float",
+    "baseline_score": "float", "split": "str", "kind": "str", "source": "str",
+}  # fmt: skip
+
+# JSONL artifacts: file name -> (stage, {field: allowed python types}).
+JSONL_CONTRACTS: dict[str, tuple[str, dict[str, tuple[type, ...]]]] = {
+    "explanations.jsonl": (
+        "explain",
+        {"layer": (int,), "head": (int,), "explanation": (str,), "error": (str, type(None))},
+    ),
+}
+# JSON artifacts: file name -> (stage, {key: required python type}).
+JSON_CONTRACTS: dict[str, tuple[str, dict[str, type]]] = {
+    "clusters.json": ("cluster", {"clusters": list, "noise": list, "failed": list}),
+}
+RUN_TOKEN = "run_token"
+
+
+def _stage_of(name: str) -> str:
+    for table in (CONTRACTS, JSONL_CONTRACTS, JSON_CONTRACTS):
+        if name in table:
+            return table[name][0]
+    return "an earlier stage"
+
 
 def ensure_outdir(outdir: str | Path) -> Path:
     path = Path(outdir)
@@ -70,19 +102,91 @@ def ensure_outdir(outdir: str | Path) -> Path:
     return path
 
 
+LOCK_NAME = ".head-explain.lock"
+
+
+@contextlib.contextmanager
+def outdir_lock(outdir: str | Path) -> Iterator[None]:
+    """Hold `outdir` for one run: a second run into it is refused with one line.
+
+    An fcntl lock on a hidden file: the kernel drops it when the process dies, so a
+    killed run never blocks the next. The file (and an outdir made only for it) is
+    removed on exit; after taking the lock we check that the file is still the one at
+    the path, so a run that raced with that removal takes the lock again.
+    """
+    import fcntl
+
+    path = Path(outdir)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"key 'outdir': '{outdir}' is in use by another head-explain run (pid {holder}); "
+                "wait for it to finish or give another --outdir"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # removed by the run that held it: lock the new file
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+        for folder in made:  # innermost first; only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: list[str | Path]) -> Iterator[list[Path]]:
+    """Temp paths beside each of `paths`; all renamed into place only when the block
+    succeeds (none on an error, e.g. a full disk while writing the last one)."""
+    paths = [Path(p) for p in paths]
+    tmps: list[str] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append(tmp)
+        yield [Path(t) for t in tmps]
+        mode = 0o666 & ~_umask()  # mkstemp makes 0600; outputs follow the umask like any tool's
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.chmod(tmp, mode)
+        for tmp, path in zip(tmps, paths, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it into place only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -104,7 +208,32 @@ def _json_default(obj: Any) -> Any:
 
 def write_parquet(path: str | Path, df: pd.DataFrame, meta: dict[str, str]) -> None:
     """Write `df` with provenance metadata (stage, model, config_hash) atomically."""
-    name = Path(path).name
+    write_parquet_set({path: df}, meta)
+
+
+def write_parquet_set(frames: dict[str | Path, pd.DataFrame], meta: dict[str, str]) -> None:
+    """Write a stage's parquet outputs together: all or none replaced, one run token."""
+    meta = {**meta, RUN_TOKEN: uuid.uuid4().hex}
+    tables = {Path(p): _table(Path(p), df, meta) for p, df in frames.items()}
+    with atomic_paths(list(tables)) as tmps:
+        for tmp, table in zip(tmps, tables.values(), strict=True):
+            pq.write_table(table, tmp)
+
+
+def check_same_run(paths: list[str | Path]) -> None:
+    """The outputs of one stage must come from one run (see write_parquet_set)."""
+    tokens = {Path(p): read_meta(p).get(RUN_TOKEN) for p in paths}
+    if len(set(tokens.values())) > 1:
+        names = ", ".join(p.name for p in tokens)
+        stage = _stage_of(Path(paths[0]).name)
+        raise ArtifactError(
+            f"{', '.join(str(p) for p in tokens)} come from different runs of '{stage}' "
+            f"({names} must be written together); rerun the '{stage}' stage"
+        )
+
+
+def _table(path: Path, df: pd.DataFrame, meta: dict[str, str]) -> pa.Table:
+    name = path.name
     if name in CONTRACTS:
         stage, cols = CONTRACTS[name]
         missing = [c for c in cols if c not in df.columns]
@@ -116,9 +245,7 @@ def write_parquet(path: str | Path, df: pd.DataFrame, meta: dict[str, str]) -> N
         {f"head_explain.{k}".encode(): str(v).encode() for k, v in meta.items()}
         | {b"head_explain.schema_version": SCHEMA_VERSION.encode()}
     )
-    table = table.replace_schema_metadata(full)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    return table.replace_schema_metadata(full)
 
 
 def read_meta(path: str | Path) -> dict[str, str]:
@@ -130,23 +257,36 @@ def read_meta(path: str | Path) -> dict[str, str]:
     }
 
 
-def read_parquet(
-    path: str | Path, expect: dict[str, str] | None = None, columns: list[str] | None = None
-) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Read an artifact, checking that it exists, matches its contract and `expect`.
+def _kind_ok(kind: str, typ: pa.DataType) -> bool:
+    if kind == "int":
+        return pa.types.is_integer(typ)
+    if kind == "float":
+        return pa.types.is_floating(typ) or pa.types.is_integer(typ) or pa.types.is_null(typ)
+    if kind == "str":
+        return pa.types.is_string(typ) or pa.types.is_large_string(typ)
+    return pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
 
-    `expect` maps metadata keys (model, config_hash, ...) to required values.
+
+def check_parquet(
+    path: str | Path, expect: dict[str, str] | None = None, full: bool = False
+) -> dict[str, str]:
+    """Check an artifact against its contract without loading it; returns its metadata.
+
+    Existence, readable footer, schema version, `expect` (model, config_hash, ...),
+    contract columns and their kinds; `full` also decodes every page (a file whose
+    footer is intact but whose data is damaged).
     """
     path = Path(path)
     name = path.name
-    stage = CONTRACTS.get(name, ("an earlier stage",))[0]
+    stage = _stage_of(name)
     if not path.exists():
         raise ArtifactError(f"{path} is missing; run the '{stage}' stage first")
     try:
+        schema = pq.read_schema(path)
         meta = read_meta(path)
     except Exception as exc:  # corrupt or not parquet
         raise ArtifactError(
-            f"{path} is not a readable parquet file ({exc}); rerun '{stage}'"
+            f"{path} is not a readable parquet file ({_short(exc)}); rerun '{stage}'"
         ) from None
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(
@@ -159,27 +299,168 @@ def read_parquet(
                 f"{path} was made with {key}={meta.get(key)!r}, not {want!r}; "
                 f"rerun the '{stage}' stage"
             )
-    df = pd.read_parquet(path, columns=columns)
-    if name in CONTRACTS and columns is None:
-        missing = [c for c in CONTRACTS[name][1] if c not in df.columns]
+    if name in CONTRACTS:
+        missing = [c for c in CONTRACTS[name][1] if c not in schema.names]
         if missing:
             raise ArtifactError(f"{path} lacks columns {missing}; rerun the '{stage}' stage")
-    return df, meta
+        for col in CONTRACTS[name][1]:
+            kind = COLUMN_KINDS.get(col)
+            typ = schema.field(col).type
+            if kind and not _kind_ok(kind, typ):
+                raise ArtifactError(
+                    f"{path} column '{col}' has type {typ}, expected {kind}; "
+                    f"rerun the '{stage}' stage"
+                )
+    if full:
+        _load(path, None, stage)
+    return meta
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160] or type(exc).__name__
+
+
+def _load(path: Path, columns: list[str] | None, stage: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ArtifactError(
+            f"{path} is damaged ({_short(exc)}); rerun the '{stage}' stage"
+        ) from None
+
+
+def read_parquet(
+    path: str | Path, expect: dict[str, str] | None = None, columns: list[str] | None = None
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Read an artifact, checking that it exists, matches its contract and `expect`.
+
+    `expect` maps metadata keys (model, config_hash, ...) to required values.
+    """
+    path = Path(path)
+    meta = check_parquet(path, expect)
+    return _load(path, columns, _stage_of(path.name)), meta
+
+
+def _check_row(path: Path, lineno: int, row: Any) -> None:
+    name = path.name
+    if name not in JSONL_CONTRACTS:
+        if not isinstance(row, dict):
+            raise ArtifactError(f"{path}:{lineno} is not a JSON object; rerun the stage")
+        return
+    stage, fields = JSONL_CONTRACTS[name]
+    if not isinstance(row, dict):
+        raise ArtifactError(
+            f"{path}:{lineno} is a JSON {type(row).__name__}, not an object; "
+            f"rerun the '{stage}' stage"
+        )
+    for key, types in fields.items():
+        value = row.get(key)
+        if key not in row or isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ArtifactError(
+                f"{path}:{lineno} field '{key}' is {value!r}, expected {want}; "
+                f"rerun the '{stage}' stage"
+            )
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        raise ArtifactError(
+            f"{path}:{lineno} is not valid JSON; rerun the '{_stage_of(path.name)}' stage"
+        ) from None
+
+
+def _read_utf8(path: Path) -> str:
+    stage = _stage_of(path.name)
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing; run the '{stage}' stage first")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(
+            f"{path} is not UTF-8 text (byte {exc.start}); rerun the '{stage}' stage"
+        ) from None
+    except OSError as exc:
+        raise ArtifactError(f"{path} cannot be read ({exc.strerror})") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of a JSONL artifact; each must be an object meeting its contract.
+
+    A contracted artifact with no rows is refused too: its stage always writes some.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path} is missing; run the stage that writes it first")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(_read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ArtifactError(f"{path}:{i} is not valid JSON; rerun the stage") from None
+        row = _parse_line(path, i, line)
+        _check_row(path, i, row)
+        rows.append(row)
+    if not rows and path.name in JSONL_CONTRACTS:
+        raise ArtifactError(
+            f"{path} holds no rows; rerun the '{JSONL_CONTRACTS[path.name][0]}' stage"
+        )
     return rows
+
+
+def read_partial_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Rows of an append-only journal (a resumable stage's progress); (rows, dropped).
+
+    A crash or a full disk can cut off the last line: that line is dropped (the work
+    it recorded is redone) and counted. Damage before the last line is no crash
+    pattern: an ArtifactError that names the file to delete.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines.pop() if lines else b""  # text after the last newline: an unfinished append
+    rows: list[dict[str, Any]] = []
+    dropped = 1 if torn.strip() else 0
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            _check_row(Path(path.name.removeprefix(".").removesuffix(".partial")), i, row)
+        except (ValueError, RecursionError, ArtifactError):
+            if i == len(lines) and not torn.strip():  # the last line, newline written
+                dropped += 1
+                continue
+            raise ArtifactError(
+                f"{path} is damaged at line {i} (not the last line, so not an interrupted "
+                f"write); delete {path} and rerun (finished heads come from the LLM cache)"
+            ) from None
+        rows.append(row)
+    return rows, dropped
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON artifact, checked against its contract (JSON_CONTRACTS)."""
+    path = Path(path)
+    stage = _stage_of(path.name)
+    try:
+        obj = json.loads(_read_utf8(path))
+    except (json.JSONDecodeError, RecursionError):
+        raise ArtifactError(f"{path} is not valid JSON; rerun the '{stage}' stage") from None
+    if path.name in JSON_CONTRACTS:
+        fields = JSON_CONTRACTS[path.name][1]
+        if not isinstance(obj, dict):
+            raise ArtifactError(
+                f"{path} is a JSON {type(obj).__name__}, expected an object with keys "
+                f"{', '.join(fields)}; rerun the '{stage}' stage"
+            )
+        for key, typ in fields.items():
+            if not isinstance(obj.get(key), typ):
+                raise ArtifactError(
+                    f"{path} key '{key}' is {obj.get(key)!r}, expected a {typ.__name__}; "
+                    f"rerun the '{stage}' stage"
+                )
+    return obj
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -17,6 +18,8 @@ from head_explain import artifacts as art
 from head_explain.config import Config
 from head_explain.errors import ArtifactError
 from head_explain.runners.common import (
+    check_heads_match,
+    expected_heads,
     fail_check,
     llm_metrics,
     out,
@@ -26,6 +29,7 @@ from head_explain.runners.common import (
 )
 
 STAGE = "explain"
+log = logging.getLogger(__name__)
 
 
 def preflight(cfg: Config) -> None:
@@ -41,16 +45,22 @@ def explainer_name(cfg: Config) -> str:
 
 
 def check_reusable(cfg: Config) -> None:
-    """For --skip-explain: explanations.jsonl exists and was written by this explainer."""
+    """For --skip-explain: explanations.jsonl meets its contract, was written by this
+    explainer and covers exactly the heads this config analyses."""
     path = out(cfg, "explanations.jsonl")
     if not path.exists():
         raise ArtifactError(f"--skip-explain: {path} is missing; run without --skip-explain")
-    rows = art.read_jsonl(path)
+    try:
+        rows = art.read_jsonl(path)
+    except ArtifactError as exc:
+        raise ArtifactError(f"--skip-explain: {exc}; or run without --skip-explain") from None
     if rows and rows[0].get("explainer_model") not in (None, explainer_name(cfg)):
         raise ArtifactError(
             f"--skip-explain: explanations.jsonl was written by {rows[0]['explainer_model']!r},"
             f" not {explainer_name(cfg)!r}; run without --skip-explain"
         )
+    check_heads_match(path, {(r["layer"], r["head"]) for r in rows}, expected_heads(cfg),
+                      "--skip-explain", "the heads this config analyses")  # fmt: skip
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -59,13 +69,16 @@ def run(cfg: Config) -> dict[str, Any]:
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
     template = prompts.load(explain.PROMPT)
-    backend = make_backend(cfg, "explainer")
     final = out(cfg, "explanations.jsonl")
     partial = final.with_name(".explanations.jsonl.partial")
+    journal, torn = art.read_partial_jsonl(partial)  # damage before the last line: refused
+    if torn:
+        log.warning("explain: dropped the cut-off last line of %s; that head is redone", partial)
+    backend = make_backend(cfg, "explainer")
     # Heads finished by an earlier, interrupted run with the same model and prompt.
     done = {
         (r["layer"], r["head"]): r
-        for r in (art.read_jsonl(partial) if partial.exists() else [])
+        for r in journal
         if r.get("explainer_model") == backend.model and r.get("prompt_sha") == template.sha
         and not r.get("error")
     }  # fmt: skip
