@@ -249,7 +249,11 @@ def _table(path: Path, df: pd.DataFrame, meta: dict[str, str]) -> pa.Table:
 
 
 def read_meta(path: str | Path) -> dict[str, str]:
-    raw = pq.read_schema(path).metadata or {}
+    return _decode_meta(pq.read_schema(path).metadata)
+
+
+def _decode_meta(raw: dict[bytes, bytes] | None) -> dict[str, str]:
+    raw = raw or {}
     return {
         k.decode().removeprefix("head_explain."): v.decode()
         for k, v in raw.items()
@@ -282,8 +286,9 @@ def check_parquet(
     if not path.exists():
         raise ArtifactError(f"{path} is missing; run the '{stage}' stage first")
     try:
-        schema = pq.read_schema(path)
-        meta = read_meta(path)
+        footer = pq.read_metadata(path)
+        schema = footer.schema.to_arrow_schema()
+        meta = _decode_meta(schema.metadata)
     except Exception as exc:  # corrupt or not parquet
         raise ArtifactError(
             f"{path} is not a readable parquet file ({_short(exc)}); rerun '{stage}'"
@@ -306,7 +311,11 @@ def check_parquet(
         for col in CONTRACTS[name][1]:
             kind = COLUMN_KINDS.get(col)
             typ = schema.field(col).type
-            if kind and not _kind_ok(kind, typ):
+            if (
+                kind
+                and not _kind_ok(kind, typ)
+                and not (footer.num_rows == 0 and pa.types.is_null(typ))
+            ):
                 raise ArtifactError(
                     f"{path} column '{col}' has type {typ}, expected {kind}; "
                     f"rerun the '{stage}' stage"
