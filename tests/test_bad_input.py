@@ -663,7 +663,7 @@ def test_skip_cache_into_a_missing_outdir_creates_no_llm_cache(cli, tmp_path):
 
 
 def test_a_second_run_into_the_same_outdir_is_refused(cli, tmp_path):
-    from head_explain.artifacts import outdir_lock
+    from head_explain.locks import outdir_lock
 
     (tmp_path / "out").mkdir()
     with outdir_lock(tmp_path / "out"):

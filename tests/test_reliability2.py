@@ -24,6 +24,7 @@ import pytest
 
 from head_explain import artifacts as art
 from head_explain.errors import ArtifactError, DataError
+from head_explain.locks import outdir_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +187,9 @@ def test_parquet_with_intact_footer_and_corrupt_pages_is_an_artifact_error(tmp_p
 def test_a_column_of_the_wrong_type_is_refused(tmp_path):
     df = _frames()["head_stats.parquet"].assign(layer=["zero"])
     art.write_parquet(tmp_path / "head_stats.parquet", df, {"stage": "cache"})
-    with pytest.raises(ArtifactError, match="column 'layer' has type (large_)?string, expected int"):
+    with pytest.raises(
+        ArtifactError, match="column 'layer' has type (large_)?string, expected int"
+    ):
         art.read_parquet(tmp_path / "head_stats.parquet")
 
 
@@ -330,19 +333,19 @@ def test_artifacts_follow_the_umask(tmp_path, umask):
 def test_a_second_run_into_a_held_outdir_is_refused(tmp_path):
     from head_explain.errors import ConfigError
 
-    held = art.outdir_lock(tmp_path / "out")
+    held = outdir_lock(tmp_path / "out")
     with held, pytest.raises(ConfigError, match="is in use by another head-explain run"):  # noqa: SIM117
-        with art.outdir_lock(tmp_path / "out"):
+        with outdir_lock(tmp_path / "out"):
             pass
     assert not (tmp_path / "out").exists()  # made for the lock only: removed again
-    with art.outdir_lock(tmp_path / "out"):  # released
+    with outdir_lock(tmp_path / "out"):  # released
         pass
 
 
 def test_a_killed_run_does_not_hold_the_outdir(tmp_path):
     code = textwrap.dedent(f"""
         import time
-        from head_explain.artifacts import outdir_lock
+        from head_explain.locks import outdir_lock
         with outdir_lock({str(tmp_path / "out")!r}):
             print("held", flush=True)
             time.sleep(60)
@@ -352,11 +355,11 @@ def test_a_killed_run_does_not_hold_the_outdir(tmp_path):
     assert proc.stdout.readline().strip() == b"held"
     from head_explain.errors import ConfigError
 
-    with pytest.raises(ConfigError), art.outdir_lock(tmp_path / "out"):
+    with pytest.raises(ConfigError), outdir_lock(tmp_path / "out"):
         pass
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with art.outdir_lock(tmp_path / "out"):  # the kernel dropped the dead run's lock
+    with outdir_lock(tmp_path / "out"):  # the kernel dropped the dead run's lock
         pass
 
 

@@ -27,6 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from head_explain.errors import ArtifactError, ConfigError
+from head_explain.json_artifacts import (  # noqa: F401  (re-exported: art.read_jsonl, ...)
+    JSON_CONTRACTS,
+    JSONL_CONTRACTS,
+    read_json,
+    read_jsonl,
+    read_partial_jsonl,
+)
+from head_explain.json_artifacts import _stage_of as json_stage_of
 
 SCHEMA_VERSION = "1"
 
@@ -68,25 +76,11 @@ COLUMN_KINDS: dict[str, str] = {
     "baseline_score": "float", "split": "str", "kind": "str", "source": "str",
 }  # fmt: skip
 
-# JSONL artifacts: file name -> (stage, {field: allowed python types}).
-JSONL_CONTRACTS: dict[str, tuple[str, dict[str, tuple[type, ...]]]] = {
-    "explanations.jsonl": (
-        "explain",
-        {"layer": (int,), "head": (int,), "explanation": (str,), "error": (str, type(None))},
-    ),
-}
-# JSON artifacts: file name -> (stage, {key: required python type}).
-JSON_CONTRACTS: dict[str, tuple[str, dict[str, type]]] = {
-    "clusters.json": ("cluster", {"clusters": list, "noise": list, "failed": list}),
-}
 RUN_TOKEN = "run_token"
 
 
 def _stage_of(name: str) -> str:
-    for table in (CONTRACTS, JSONL_CONTRACTS, JSON_CONTRACTS):
-        if name in table:
-            return table[name][0]
-    return "an earlier stage"
+    return CONTRACTS[name][0] if name in CONTRACTS else json_stage_of(name)
 
 
 def ensure_outdir(outdir: str | Path) -> Path:
@@ -100,55 +94,6 @@ def ensure_outdir(outdir: str | Path) -> Path:
             f"key 'outdir': '{path}' is not a writable folder ({exc.strerror})"
         ) from None
     return path
-
-
-LOCK_NAME = ".head-explain.lock"
-
-
-@contextlib.contextmanager
-def outdir_lock(outdir: str | Path) -> Iterator[None]:
-    """Hold `outdir` for one run: a second run into it is refused with one line.
-
-    An fcntl lock on a hidden file: the kernel drops it when the process dies, so a
-    killed run never blocks the next. The file (and an outdir made only for it) is
-    removed on exit; after taking the lock we check that the file is still the one at
-    the path, so a run that raced with that removal takes the lock again.
-    """
-    import fcntl
-
-    path = Path(outdir)
-    made = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    lock = path / LOCK_NAME
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ConfigError(
-                f"key 'outdir': '{outdir}' is in use by another head-explain run (pid {holder}); "
-                "wait for it to finish or give another --outdir"
-            ) from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # removed by the run that held it: lock the new file
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(fd)
-        for folder in made:  # innermost first; only while empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
 
 
 def _umask() -> int:
@@ -308,14 +253,10 @@ def check_parquet(
         missing = [c for c in CONTRACTS[name][1] if c not in schema.names]
         if missing:
             raise ArtifactError(f"{path} lacks columns {missing}; rerun the '{stage}' stage")
-        for col in CONTRACTS[name][1]:
+        for col in CONTRACTS[name][1] if footer.num_rows else ():  # no rows: no wrong value
             kind = COLUMN_KINDS.get(col)
             typ = schema.field(col).type
-            if (
-                kind
-                and not _kind_ok(kind, typ)
-                and not (footer.num_rows == 0 and pa.types.is_null(typ))
-            ):
+            if kind and not _kind_ok(kind, typ):
                 raise ArtifactError(
                     f"{path} column '{col}' has type {typ}, expected {kind}; "
                     f"rerun the '{stage}' stage"
@@ -348,128 +289,6 @@ def read_parquet(
     path = Path(path)
     meta = check_parquet(path, expect)
     return _load(path, columns, _stage_of(path.name)), meta
-
-
-def _check_row(path: Path, lineno: int, row: Any) -> None:
-    name = path.name
-    if name not in JSONL_CONTRACTS:
-        if not isinstance(row, dict):
-            raise ArtifactError(f"{path}:{lineno} is not a JSON object; rerun the stage")
-        return
-    stage, fields = JSONL_CONTRACTS[name]
-    if not isinstance(row, dict):
-        raise ArtifactError(
-            f"{path}:{lineno} is a JSON {type(row).__name__}, not an object; "
-            f"rerun the '{stage}' stage"
-        )
-    for key, types in fields.items():
-        value = row.get(key)
-        if key not in row or isinstance(value, bool) or not isinstance(value, types):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise ArtifactError(
-                f"{path}:{lineno} field '{key}' is {value!r}, expected {want}; "
-                f"rerun the '{stage}' stage"
-            )
-
-
-def _parse_line(path: Path, lineno: int, line: str) -> Any:
-    try:
-        return json.loads(line)
-    except (json.JSONDecodeError, RecursionError):
-        raise ArtifactError(
-            f"{path}:{lineno} is not valid JSON; rerun the '{_stage_of(path.name)}' stage"
-        ) from None
-
-
-def _read_utf8(path: Path) -> str:
-    stage = _stage_of(path.name)
-    if not path.exists():
-        raise ArtifactError(f"{path} is missing; run the '{stage}' stage first")
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ArtifactError(
-            f"{path} is not UTF-8 text (byte {exc.start}); rerun the '{stage}' stage"
-        ) from None
-    except OSError as exc:
-        raise ArtifactError(f"{path} cannot be read ({exc.strerror})") from None
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every row of a JSONL artifact; each must be an object meeting its contract.
-
-    A contracted artifact with no rows is refused too: its stage always writes some.
-    """
-    path = Path(path)
-    rows = []
-    for i, line in enumerate(_read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        row = _parse_line(path, i, line)
-        _check_row(path, i, row)
-        rows.append(row)
-    if not rows and path.name in JSONL_CONTRACTS:
-        raise ArtifactError(
-            f"{path} holds no rows; rerun the '{JSONL_CONTRACTS[path.name][0]}' stage"
-        )
-    return rows
-
-
-def read_partial_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """Rows of an append-only journal (a resumable stage's progress); (rows, dropped).
-
-    A crash or a full disk can cut off the last line: that line is dropped (the work
-    it recorded is redone) and counted. Damage before the last line is no crash
-    pattern: an ArtifactError that names the file to delete.
-    """
-    path = Path(path)
-    if not path.exists():
-        return [], 0
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    torn = lines.pop() if lines else b""  # text after the last newline: an unfinished append
-    rows: list[dict[str, Any]] = []
-    dropped = 1 if torn.strip() else 0
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-            _check_row(Path(path.name.removeprefix(".").removesuffix(".partial")), i, row)
-        except (ValueError, RecursionError, ArtifactError):
-            if i == len(lines) and not torn.strip():  # the last line, newline written
-                dropped += 1
-                continue
-            raise ArtifactError(
-                f"{path} is damaged at line {i} (not the last line, so not an interrupted "
-                f"write); delete {path} and rerun (finished heads come from the LLM cache)"
-            ) from None
-        rows.append(row)
-    return rows, dropped
-
-
-def read_json(path: str | Path) -> Any:
-    """A JSON artifact, checked against its contract (JSON_CONTRACTS)."""
-    path = Path(path)
-    stage = _stage_of(path.name)
-    try:
-        obj = json.loads(_read_utf8(path))
-    except (json.JSONDecodeError, RecursionError):
-        raise ArtifactError(f"{path} is not valid JSON; rerun the '{stage}' stage") from None
-    if path.name in JSON_CONTRACTS:
-        fields = JSON_CONTRACTS[path.name][1]
-        if not isinstance(obj, dict):
-            raise ArtifactError(
-                f"{path} is a JSON {type(obj).__name__}, expected an object with keys "
-                f"{', '.join(fields)}; rerun the '{stage}' stage"
-            )
-        for key, typ in fields.items():
-            if not isinstance(obj.get(key), typ):
-                raise ArtifactError(
-                    f"{path} key '{key}' is {obj.get(key)!r}, expected a {typ.__name__}; "
-                    f"rerun the '{stage}' stage"
-                )
-    return obj
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -10,10 +10,10 @@ import logging
 from types import ModuleType
 from typing import Any
 
-from head_explain.artifacts import outdir_lock
 from head_explain.config import Config
 from head_explain.errors import ArtifactError
 from head_explain.graph import OUTPUTS, STAGE_PARAMS, STAGES
+from head_explain.locks import outdir_lock
 from head_explain.runners import cache, cluster, explain, report, sample, select, simulate
 from head_explain.runners.common import check_writable, out, run_stage
 

@@ -10,8 +10,8 @@ import sys
 from types import ModuleType
 
 from head_explain import config as config_mod
-from head_explain.artifacts import outdir_lock
 from head_explain.errors import HeadExplainError
+from head_explain.locks import outdir_lock
 from head_explain.logs import setup_logging
 from head_explain.runners.common import check_writable, run_stage
 

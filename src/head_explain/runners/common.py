@@ -36,15 +36,6 @@ def write_stage_metrics(cfg: Config, stage: str, metrics: dict[str, Any]) -> Non
     art.write_json(out(cfg, f"metrics/{stage}.json"), {"stage": stage, **metrics})
 
 
-def expected_heads(cfg: Config) -> set[tuple[int, int]] | None:
-    """The heads this config analyses, from the model's config alone; None if unknown."""
-    from head_explain import models
-    from head_explain.heads import choose_heads
-
-    shape = models.head_shape(cfg.model)
-    return set(choose_heads(*shape, cfg.max_heads, cfg.heads)) if shape else None
-
-
 def check_heads_match(
     path: Path, have: set[tuple[int, int]], want: set[tuple[int, int]] | None, who: str, what: str
 ) -> None:

@@ -19,7 +19,6 @@ from head_explain.config import Config
 from head_explain.errors import ArtifactError
 from head_explain.runners.common import (
     check_heads_match,
-    expected_heads,
     fail_check,
     llm_metrics,
     out,
@@ -42,6 +41,15 @@ def explainer_name(cfg: Config) -> str:
     from head_explain.llm import model_for
 
     return model_for(cfg, "explainer")
+
+
+def expected_heads(cfg: Config) -> set[tuple[int, int]] | None:
+    """The heads this config analyses, from the model's config alone; None if unknown."""
+    from head_explain import models
+    from head_explain.heads import choose_heads
+
+    shape = models.head_shape(cfg.model)
+    return set(choose_heads(*shape, cfg.max_heads, cfg.heads)) if shape else None
 
 
 def check_reusable(cfg: Config) -> None:
