@@ -559,9 +559,12 @@ def _tiny(tmp_path: Path, tiny_artifacts: Path) -> Path:
 
 
 def _tiny_args() -> list[str]:
+    """TINY_ARGS on top of params.yaml: the schema default max_heads, as conftest ran."""
     from conftest import TINY_ARGS
 
-    return list(TINY_ARGS)
+    from head_explain.config import Config
+
+    return [*TINY_ARGS, "--max-heads", str(Config().max_heads)]
 
 
 def _explanations(out: Path, heads=((8, 7), (17, 5))) -> None:
