@@ -319,6 +319,8 @@ def check_tracking(cfg: Any) -> None:
             target = target.parent
     if not folder.is_dir() and scheme == "sqlite":
         raise ConfigError(f"{where} '{shown}': folder {folder} does not exist")
+    if scheme != "sqlite" and not target.is_dir():
+        raise ConfigError(f"{where} '{shown}': {target} is a file, not a folder for runs")
     if not os.access(target, os.W_OK):
         raise ConfigError(f"{where} '{shown}': {target} is not writable")
 

@@ -36,7 +36,12 @@ def preflight(cfg: Config) -> None:
 
 def check_reusable(cfg: Config) -> None:
     """For --skip-simulate: scores.parquet exists, belongs to this model, reads whole."""
-    art.check_parquet(out(cfg, "scores.parquet"), {"model": cfg.model}, full=True)
+    from head_explain.errors import ArtifactError
+
+    try:
+        art.check_parquet(out(cfg, "scores.parquet"), {"model": cfg.model}, full=True)
+    except ArtifactError as exc:
+        raise ArtifactError(f"--skip-simulate: {exc}; or run without --skip-simulate") from None
 
 
 def run(cfg: Config) -> dict[str, Any]:
