@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 def preflight(cfg: Config) -> None:
     from head_explain.llm import check_ready
 
+    art.read_partial_jsonl(_journal_path(cfg))  # a damaged journal: refused before any stage
     check_ready(cfg)
+
+
+def _journal_path(cfg: Config):
+    return out(cfg, ".explanations.jsonl.partial")
 
 
 def explainer_name(cfg: Config) -> str:
@@ -78,7 +83,7 @@ def run(cfg: Config) -> dict[str, Any]:
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
     template = prompts.load(explain.PROMPT)
     final = out(cfg, "explanations.jsonl")
-    partial = final.with_name(".explanations.jsonl.partial")
+    partial = _journal_path(cfg)
     journal, torn = art.read_partial_jsonl(partial)  # damage before the last line: refused
     if torn:
         log.warning("explain: dropped the cut-off last line of %s; that head is redone", partial)
