@@ -674,3 +674,13 @@ def test_a_second_run_into_the_same_outdir_is_refused(cli, tmp_path):
             cli("--windows", "4", "--until", "sample"), "key 'outdir'", "is in use by another"
         )
     assert f"pid {os.getpid()}" in line
+
+
+def test_explain_journal_damaged_before_its_last_line(cli, tmp_path, tiny_artifacts):
+    out = _tiny(tmp_path, tiny_artifacts)
+    row = {"layer": 8, "head": 7, "explanation": "x", "error": None}
+    (out / ".explanations.jsonl.partial").write_text("{torn\n" + json.dumps(row) + "\n")
+    assert_user_error(
+        cli(*_tiny_args(), "--skip-cache", "--until", "explain"),
+        ".explanations.jsonl.partial is damaged at line 1", "delete", "and rerun",
+    )  # fmt: skip

@@ -33,6 +33,11 @@ def _stage_of(name: str) -> str:
     return "an earlier stage"
 
 
+def _json_kind(obj: Any) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(obj), "number")
+
+
 def _check_row(path: Path, lineno: int, row: Any) -> None:
     name = path.name
     if name not in JSONL_CONTRACTS:
@@ -42,8 +47,7 @@ def _check_row(path: Path, lineno: int, row: Any) -> None:
     stage, fields = JSONL_CONTRACTS[name]
     if not isinstance(row, dict):
         raise ArtifactError(
-            f"{path}:{lineno} is a JSON {type(row).__name__}, not an object; "
-            f"rerun the '{stage}' stage"
+            f"{path}:{lineno} is a JSON {_json_kind(row)}, not an object; rerun the '{stage}' stage"
         )
     for key, types in fields.items():
         value = row.get(key)
@@ -143,7 +147,7 @@ def read_json(path: str | Path) -> Any:
         fields = JSON_CONTRACTS[path.name][1]
         if not isinstance(obj, dict):
             raise ArtifactError(
-                f"{path} is a JSON {type(obj).__name__}, expected an object with keys "
+                f"{path} is a JSON {_json_kind(obj)}, expected an object with keys "
                 f"{', '.join(fields)}; rerun the '{stage}' stage"
             )
         for key, typ in fields.items():
