@@ -380,15 +380,18 @@ def _fake_cache_artifacts(outdir: Path, **params) -> None:
         "stage": "cache", "model": cfg.model, "sample_hash": sample_hash,
         "config_hash": config.config_hash(cfg, STAGE_PARAMS["cache"]),
     }  # fmt: skip
-    names = {"windows.parquet": {"stage": "sample", "model": cfg.model, "config_hash": sample_hash}}
-    names |= {name: cache_meta for name in OUTPUTS["cache"]}
-    names["head_types.parquet"] = {
+    sample_meta = {"stage": "sample", "model": cfg.model, "config_hash": sample_hash}
+
+    def empty(name: str) -> pd.DataFrame:
+        return pd.DataFrame({c: [] for c in art.CONTRACTS[name][1]})
+
+    art.write_parquet(outdir / "windows.parquet", empty("windows.parquet"), sample_meta)
+    art.write_parquet_set({outdir / n: empty(n) for n in OUTPUTS["cache"]}, cache_meta)
+    types_meta = {
         "stage": "head_types", "model": cfg.model,
         "config_hash": config.config_hash(cfg, STAGE_PARAMS["head_types"]),
     }  # fmt: skip
-    for name, meta in names.items():
-        cols = art.CONTRACTS[name][1]
-        art.write_parquet(outdir / name, pd.DataFrame({c: [] for c in cols}), meta)
+    art.write_parquet(outdir / "head_types.parquet", empty("head_types.parquet"), types_meta)
 
 
 def test_skip_cache_with_missing_artifacts(cli):
@@ -463,3 +466,226 @@ def test_unknown_embedding_model_is_refused_before_any_stage(tmp_path, capsys, m
         "key 'embedding_model': 'no-such/embedder-xyz'" in err[0] and "all-MiniLM-L6-v2" in err[0]
     )
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ round two (issue 12)
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--seed", "-1"], ["key 'seed': -1 must be an integer from 0"]),
+        (["--llm-timeout-s", "nan"], ["key 'llm_timeout_s': nan must be a finite number"]),
+        (["--llm-timeout-s", "inf"], ["key 'llm_timeout_s': inf must be a finite number"]),
+        (["--mlflow-experiment", ""], ["key 'mlflow_experiment': empty"]),
+        (["--mlflow-experiment", "  "], ["key 'mlflow_experiment': empty"]),
+        (["--outdir", ""], ["key 'outdir': empty"]),
+        (["--llm-max-retries", "-1"], ["key 'llm_max_retries': -1 must be >= 0"]),
+        (["--explain-max-tokens", "0"], ["key 'explain_max_tokens': 0 must be a positive"]),
+    ],
+    ids=["seed-negative", "timeout-nan", "timeout-inf", "experiment-empty", "experiment-blank",
+         "outdir-empty", "retries-negative", "max-tokens-0"],
+)  # fmt: skip
+def test_values_that_used_to_fail_late(cli, args, fragments):
+    assert_user_error(cli(*args), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda p: p.mkdir(), "is not a file"),
+        (lambda p: p.write_bytes(b"model: caf\xe9\n"), "is not UTF-8 text"),
+        (lambda p: p.write_text("topk: 3\nwindows: 4\ntopk: 5\n"), "key 'topk' is given twice"),
+    ],
+    ids=["folder", "not-utf8", "duplicate-key"],
+)
+def test_params_file_that_used_to_crash_or_pass(cli, tmp_path, make, fragment):
+    params = tmp_path / "p.yaml"
+    make(params)
+    assert_user_error(cli(params=params), "params file", "p.yaml", fragment)
+
+
+@pytest.mark.parametrize(
+    ("uri", "fragments"),
+    [
+        ("ftp://example.org/mlruns", ["MLFLOW_TRACKING_URI", "scheme 'ftp' is not supported"]),
+        (None, ["MLFLOW_TRACKING_URI", "does not answer"]),
+        ("sqlite:////no/such/folder/mlflow.db", ["folder /no/such/folder does not exist"]),
+    ],
+    ids=["scheme", "unreachable", "sqlite-folder-missing"],
+)
+def test_mlflow_store_checked_before_any_stage(cli, monkeypatch, uri, fragments):
+    if uri is None:
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert_user_error(cli(), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "fragment"),
+    [
+        ("logo.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "is not UTF-8 text"),
+        ("latin1.txt", "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e. ".encode("latin-1") * 50, "latin-1"),
+        ("image.jsonl", b"\x00\x01\x02" * 100, "is not UTF-8 text"),
+    ],
+    ids=["png", "latin-1", "binary-jsonl"],
+)  # fmt: skip
+def test_non_text_corpus_files_are_refused_up_front(cli, tmp_path, name, data, fragment):
+    (tmp_path / name).write_bytes(data)
+    assert_user_error(
+        cli("--sources", "files", "--data-files", name), "key 'data_files'", name, fragment
+    )
+
+
+def test_parquet_corpus_whose_text_column_holds_numbers(cli, tmp_path):
+    pd.DataFrame({"text": [1, 2, 3]}).to_parquet(tmp_path / "nums.parquet")
+    assert_user_error(
+        cli("--sources", "files", "--data-files", "nums.parquet"),
+        "'nums.parquet' column 'text' holds int64, not strings",
+    )
+
+
+def test_deeply_nested_jsonl_corpus(cli, tmp_path):
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    assert_user_error(
+        cli("--sources", "files", "--data-files", "deep.jsonl"),
+        "'deep.jsonl' line 1: JSON nested too deeply",
+        preflight=False,
+    )
+
+
+# --- reused artifacts: the tiny sample/cache/select set, copied into the run's outdir
+def _tiny(tmp_path: Path, tiny_artifacts: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_artifacts, out)
+    return out
+
+
+def _tiny_args() -> list[str]:
+    """TINY_ARGS on top of params.yaml: the schema default max_heads, as conftest ran."""
+    from conftest import TINY_ARGS
+
+    from head_explain.config import Config
+
+    return [*TINY_ARGS, "--max-heads", str(Config().max_heads)]
+
+
+def _explanations(out: Path, heads=((8, 7), (17, 5))) -> None:
+    rows = [{"layer": a, "head": b, "head_name": f"L{a}H{b}", "explanation": "previous token",
+             "error": None, "explainer_model": BUNDLED, "prompt_sha": "x"} for a, b in heads]  # fmt: skip
+    (out / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _scores(out: Path) -> None:
+    from head_explain import artifacts as art
+
+    cols = art.CONTRACTS["scores.parquet"][1]
+    row = {c: 0.5 for c in cols} | {"layer": 8, "head": 7, "baseline_from": "L17H5",
+           "method": "echo", "simulator_model": BUNDLED, "n_tokens": 9, "n_failed": 0, "error": None}  # fmt: skip
+    art.write_parquet(
+        out / "scores.parquet", pd.DataFrame([row]), {"stage": "simulate", "model": BUNDLED}
+    )
+
+
+def _corrupt_pages(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    end = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    data[4:end] = bytes(len(data[4:end]))
+    path.write_bytes(bytes(data))
+
+
+def test_skip_cache_with_corrupt_pages_behind_an_intact_footer(cli, tmp_path, tiny_artifacts):
+    out = _tiny(tmp_path, tiny_artifacts)
+    _corrupt_pages(out / "activations.parquet")
+    assert_user_error(
+        cli(*_tiny_args(), "--skip-cache", "--until", "select"),
+        "--skip-cache:", "activations.parquet is damaged", "run without --skip-cache",
+    )  # fmt: skip
+
+
+def test_skip_cache_with_outputs_of_two_cache_runs(cli, tmp_path, tiny_artifacts):
+    from head_explain import artifacts as art
+
+    out = _tiny(tmp_path, tiny_artifacts)
+    df, meta = art.read_parquet(out / "head_stats.parquet")
+    art.write_parquet(
+        out / "head_stats.parquet", df, {k: v for k, v in meta.items() if k != "run_token"}
+    )
+    assert_user_error(
+        cli(*_tiny_args(), "--skip-cache", "--until", "select"),
+        "--skip-cache:", "come from different runs of 'cache'",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"[8, 7]\n", "is a JSON list, not an object"),
+        (b'{"layer": 8, "head": 7}\n', "field 'explanation' is None"),
+        (b'{"layer": 8, "head": 7, "explanation": "caf\xe9", "error": null}\n', "is not UTF-8"),
+        (b"", "holds no rows"),
+    ],
+    ids=["array-line", "lacks-fields", "not-utf8", "empty"],
+)
+def test_skip_explain_with_explanations_that_break_the_contract(
+    cli, tmp_path, tiny_artifacts, body, fragment
+):
+    out = _tiny(tmp_path, tiny_artifacts)
+    (out / "explanations.jsonl").write_bytes(body)
+    assert_user_error(
+        cli(*_tiny_args(), "--skip-cache", "--skip-explain", "--until", "simulate"),
+        "--skip-explain:", "explanations.jsonl", fragment,
+    )  # fmt: skip
+
+
+def test_skip_explain_with_explanations_of_other_heads(cli, tmp_path, tiny_artifacts):
+    out = _tiny(tmp_path, tiny_artifacts)
+    _explanations(out, heads=((8, 7), (3, 1)))
+    assert_user_error(
+        cli(*_tiny_args(), "--skip-explain", "--until", "simulate"),
+        "--skip-explain:", "has heads not in the heads this config analyses: L3H1", "lacks L17H5",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [("[]", "is a JSON list, expected an object"), ("{clusters", "is not valid JSON")],
+    ids=["empty-list", "not-json"],
+)
+def test_skip_cluster_with_a_bad_clusters_json(cli, tmp_path, tiny_artifacts, body, fragment):
+    out = _tiny(tmp_path, tiny_artifacts)
+    _explanations(out)
+    _scores(out)
+    (out / "clusters.json").write_text(body)
+    args = ["--skip-cache", "--skip-explain", "--skip-simulate", "--skip-cluster"]
+    assert_user_error(cli(*_tiny_args(), *args), "--skip-cluster:", "clusters.json", fragment)
+
+
+def test_skip_cache_into_a_missing_outdir_creates_no_llm_cache(cli, tmp_path):
+    assert_user_error(
+        cli("--skip-cache", "--llm-cache", str(tmp_path / "out" / "llm.sqlite")),
+        "--skip-cache:", "windows.parquet is missing",
+    )  # fmt: skip
+
+
+def test_a_second_run_into_the_same_outdir_is_refused(cli, tmp_path):
+    from head_explain.locks import outdir_lock
+
+    (tmp_path / "out").mkdir()
+    with outdir_lock(tmp_path / "out"):
+        line = assert_user_error(
+            cli("--windows", "4", "--until", "sample"), "key 'outdir'", "is in use by another"
+        )
+    assert f"pid {os.getpid()}" in line
+
+
+def test_explain_journal_damaged_before_its_last_line(cli, tmp_path, tiny_artifacts):
+    out = _tiny(tmp_path, tiny_artifacts)
+    row = {"layer": 8, "head": 7, "explanation": "x", "error": None}
+    (out / ".explanations.jsonl.partial").write_text("{torn\n" + json.dumps(row) + "\n")
+    assert_user_error(
+        cli(*_tiny_args(), "--skip-cache", "--until", "explain"),
+        ".explanations.jsonl.partial is damaged at line 1", "delete", "and rerun",
+    )  # fmt: skip

@@ -369,11 +369,14 @@ def test_files_errors_name_the_file(tmp_path: Path) -> None:
         docs(files_cfg(tmp_path / "gone.txt"), "files")
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"body": ["x"]}), bad)
-    with pytest.raises(DataError, match=r"bad\.parquet' has no 'text' column \(columns: body\)"):
+    # parquet footers are checked up front with the other data_files checks
+    with pytest.raises(ConfigError, match=r"bad\.parquet' has no 'text' column \(columns: body\)"):
         docs(files_cfg(bad), "files")
+    with pytest.raises(DataError, match=r"bad\.parquet' has no 'text' column"):
+        list(files_mod.iter_text_column(bad))  # the reader wikitext shares
     notparquet = tmp_path / "fake.parquet"
     notparquet.write_text("plain text")
-    with pytest.raises(DataError, match=r"fake\.parquet' is not a readable parquet file"):
+    with pytest.raises(ConfigError, match=r"fake\.parquet' is not a readable parquet file"):
         docs(files_cfg(notparquet), "files")
     badjson = tmp_path / "bad.jsonl"
     badjson.write_text('{"text": "ok"}\n{"body": "no text"}\n')

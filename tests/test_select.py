@@ -33,6 +33,10 @@ def _fixture(n_windows=20, heads=((0, 0), (1, 2))):
     return pd.DataFrame(raw), windows, pd.DataFrame(acts)
 
 
+def _strs(ids) -> list[str]:
+    return [str(t) for t in ids]
+
+
 S = SelectSettings(
     topk=24, explain_examples=6, score_top_examples=3, score_random_examples=2, excerpt_len=8
 )
@@ -40,8 +44,8 @@ S = SelectSettings(
 
 def test_splits_never_share_windows_and_are_deterministic():
     raw, windows, acts = _fixture()
-    ev = select_events(raw, windows, acts, str, S)
-    ev2 = select_events(raw, windows, acts, str, S)
+    ev = select_events(raw, windows, acts, _strs, S)
+    ev2 = select_events(raw, windows, acts, _strs, S)
     pd.testing.assert_frame_equal(ev, ev2)
     for _, g in ev.groupby(["layer", "head"]):
         w = {s: set(g[g.split == s].window_id) for s in ("explain", "score_top", "score_random")}
@@ -61,13 +65,13 @@ def test_splits_never_share_windows_and_are_deterministic():
         for split in ("explain", "score_top"):
             part = g[g.split == split].sort_values("rank")
             assert part.act.is_monotonic_decreasing
-    other = select_events(raw, windows, acts, str, SelectSettings(**{**S.__dict__, "seed": 1}))
+    other = select_events(raw, windows, acts, _strs, SelectSettings(**{**S.__dict__, "seed": 1}))
     assert not other.equals(ev)
 
 
 def test_excerpts_and_normalisation():
     raw, windows, acts = _fixture()
-    ev = select_events(raw, windows, acts, lambda t: f"<{t}>", S)
+    ev = select_events(raw, windows, acts, lambda ids: [f"<{t}>" for t in ids], S)
     for r in ev.itertuples():
         assert len(r.excerpt_tokens) == len(r.excerpt_acts) == 8
         tok = windows.tokens[r.window_id][r.pos]

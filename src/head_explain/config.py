@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,17 +202,54 @@ def build(overrides: dict[str, Any] | None = None, base: Config | None = None) -
     return cfg
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (DVC's own YAML reader does too)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                continue  # unhashable: the base class reports it
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read a flat params.yaml; keys outside the schema are errors."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file '{path}' does not exist")
+    if not path.is_file():
+        raise ConfigError(f"params file '{path}' is not a file; give a params.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"params file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"params file '{path}' cannot be read ({exc.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"params file '{path}': key '{exc.key}' is given twice (line {exc.line}); keep one"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"params file '{path}' is not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"params file '{path}' is nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"params file '{path}' must be a mapping of key: value")
     data.update(overrides or {})
@@ -230,6 +268,7 @@ def validate(cfg: Config) -> None:
         if choices and value not in choices:
             raise ConfigError(f"key '{name}': {value!r} is not one of {', '.join(choices)}")
     positive = [
+        "explain_max_tokens",
         "windows",
         "window_len",
         "batch_size",
@@ -249,8 +288,17 @@ def validate(cfg: Config) -> None:
     for name in ("random_windows", "score_top_examples", "score_random_examples"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"key '{name}': {getattr(cfg, name)} must be >= 0")
-    if cfg.llm_timeout_s <= 0:
-        raise ConfigError(f"key 'llm_timeout_s': {cfg.llm_timeout_s} must be > 0")
+    if not (math.isfinite(cfg.llm_timeout_s) and cfg.llm_timeout_s > 0):
+        raise ConfigError(
+            f"key 'llm_timeout_s': {cfg.llm_timeout_s} must be a finite number of seconds > 0"
+        )
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"key 'seed': {cfg.seed} must be an integer from 0 to 2**63-1")
+    if cfg.llm_max_retries < 0:
+        raise ConfigError(f"key 'llm_max_retries': {cfg.llm_max_retries} must be >= 0")
+    for name in ("model", "outdir", "mlflow_experiment", "embedding_model", "openai_model"):
+        if not str(getattr(cfg, name)).strip():
+            raise ConfigError(f"key '{name}': empty; {doc(name)}")
     if not 0 <= cfg.max_failed_fraction <= 1:
         raise ConfigError(
             f"key 'max_failed_fraction': {cfg.max_failed_fraction} must be between 0 and 1"

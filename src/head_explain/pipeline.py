@@ -13,6 +13,7 @@ from typing import Any
 from head_explain.config import Config
 from head_explain.errors import ArtifactError
 from head_explain.graph import OUTPUTS, STAGE_PARAMS, STAGES
+from head_explain.locks import outdir_lock
 from head_explain.runners import (
     cache,
     cluster,
@@ -35,10 +36,16 @@ RUNNERS: dict[str, ModuleType] = {
 }  # fmt: skip
 
 
+# The LLM checks open (and so may create) the LLM cache file: they go last, so a run
+# refused by any other check writes nothing.
+_WRITING_PREFLIGHTS = ("explain", "simulate")
+
+
 def preflight(cfg: Config, stages: list[str]) -> None:
     """Every check that can fail before anything is written, for the stages to run."""
     check_writable(cfg.outdir)
-    for stage in stages:
+    ordered = [s for s in stages if s not in _WRITING_PREFLIGHTS]
+    for stage in ordered + [s for s in stages if s in _WRITING_PREFLIGHTS]:
         RUNNERS[stage].preflight(cfg)
 
 
@@ -66,12 +73,18 @@ def run(cfg: Config, skipped: set[str], until: str | None = None) -> dict[str, f
     """
     later = set(STAGES[STAGES.index(until) + 1 :]) if until else set()
     to_run = [s for s in STAGES if s not in skipped and s not in later]
-    preflight(cfg, to_run)
-    for stage in STAGES:
+    check_writable(cfg.outdir)
+    for stage in STAGES:  # read-only checks of reused artifacts first
         # sample is covered by cache's check (its sample_hash); stages after `until`
         # are neither run nor needed.
         if stage in skipped and stage not in later and stage != "sample":
             check_skipped(cfg, stage)
+    preflight(cfg, to_run)
+    with outdir_lock(cfg.outdir):
+        return _run_stages(cfg, skipped, later)
+
+
+def _run_stages(cfg: Config, skipped: set[str], later: set[str]) -> dict[str, float]:
     times: dict[str, float] = {}
     for stage in STAGES:
         if stage in later:

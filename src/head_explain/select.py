@@ -87,17 +87,12 @@ def attach_excerpts(
 ) -> pd.DataFrame:
     """Add excerpt_tokens/_dest/_src/_acts/_start/_end and act_norm to each event.
 
-    `token_text(id) -> str` renders one token; `acts` holds (layer, head, window_id,
-    acts) rows for every window an event lies in.
+    `token_text(ids) -> list[str]` renders a run of tokens, one string each (a run, not
+    one id: a character split over tokens is only text together, see token_display);
+    `acts` holds (layer, head, window_id, acts) rows for every window an event lies in.
     """
     tokens_by_window = dict(zip(windows["window_id"], windows["tokens"], strict=True))
     acts_by_key = {(r.layer, r.head, r.window_id): r.acts for r in acts.itertuples(index=False)}
-    cache: dict[int, str] = {}
-
-    def text_of(tid: int) -> str:
-        if tid not in cache:
-            cache[tid] = token_text(int(tid))
-        return cache[tid]
 
     rows = []
     for ev in events.itertuples(index=False):
@@ -108,7 +103,7 @@ def attach_excerpts(
             dict(
                 excerpt_start=start,
                 excerpt_end=end,
-                excerpt_tokens=[text_of(t) for t in toks[start:end]],
+                excerpt_tokens=token_text(toks[start:end]),
                 excerpt_dest=int(ev.pos) - start,
                 excerpt_src=[int(p) - start for p in ev.src_pos if start <= p < end],
                 excerpt_acts=true[start:end],

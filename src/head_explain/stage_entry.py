@@ -11,6 +11,7 @@ from types import ModuleType
 
 from head_explain import config as config_mod
 from head_explain.errors import HeadExplainError
+from head_explain.locks import outdir_lock
 from head_explain.logs import setup_logging
 from head_explain.runners.common import check_writable, run_stage
 
@@ -21,7 +22,8 @@ def stage_main(runner: ModuleType, params: str = "params.yaml") -> None:
         cfg = config_mod.load_params(params)
         check_writable(cfg.outdir)
         runner.preflight(cfg)
-        run_stage(runner, cfg)
+        with outdir_lock(cfg.outdir):
+            run_stage(runner, cfg)
     except HeadExplainError as exc:
         sys.stderr.write(f"head-explain {runner.STAGE}: error: {exc}\n")
         raise SystemExit(exc.exit_code) from None

@@ -27,6 +27,38 @@ class Document:
     text: str
 
 
+SNIFF_BYTES = 1 << 16
+
+
+def decode_text(data: bytes) -> str | None:
+    """UTF-8 text with a leading BOM dropped; None for binary or non-UTF-8 bytes.
+
+    A NUL byte in the first block marks binary data (images, archives, compiled
+    files); latin-1 and other legacy encodings fail the strict UTF-8 decode. Either
+    would otherwise reach the model as a stream of replacement characters.
+    """
+    if b"\x00" in data[:SNIFF_BYTES]:
+        return None
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return None
+
+
+def sniff_text(head: bytes) -> bool:
+    """Whether the first bytes of a file look like UTF-8 text (a cut-off last
+    character allowed)."""
+    import codecs
+
+    if b"\x00" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def iter_documents(cfg: Config, source: str) -> Iterator[Document]:
     """Stream the documents of one source in a deterministic order."""
     # Imports are local so that `pydocs` alone never pays for pyarrow or datasets.
@@ -49,4 +81,4 @@ def iter_documents(cfg: Config, source: str) -> Iterator[Document]:
     raise ConfigError(f"key 'sources': unknown source '{source}'; valid: {', '.join(SOURCES)}")
 
 
-__all__ = ["Document", "iter_documents"]
+__all__ = ["Document", "decode_text", "iter_documents", "sniff_text"]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from head_explain.data import Document
+from head_explain.data import SNIFF_BYTES, Document, decode_text, sniff_text
 from head_explain.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -37,23 +37,60 @@ def file_list(cfg: Config) -> list[str]:
             )
         if not Path(name).is_file():
             raise ConfigError(f"key 'data_files': '{name}' does not exist or is not a file")
+        if suffix == ".parquet":
+            text_column_type(name, ConfigError, "key 'data_files': ")
+            continue
+        with open(name, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        if not sniff_text(head):
+            raise ConfigError(f"key 'data_files': '{name}' {NOT_TEXT}")
     return names
 
 
+NOT_TEXT = (
+    "is not UTF-8 text (binary, or another encoding such as latin-1); give text files "
+    "or convert it to UTF-8"
+)
+
+
+def text_column_type(path: str | Path, error: type[Exception], prefix: str = "") -> None:
+    """Refuse a parquet file without a string `text` column (reads the footer only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        why = " ".join(str(exc).split())[:160]
+        raise error(f"{prefix}'{path}' is not a readable parquet file ({why})") from None
+    if "text" not in schema.names:
+        raise error(f"{prefix}'{path}' has no 'text' column (columns: {', '.join(schema.names)})")
+    typ = schema.field("text").type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise error(f"{prefix}'{path}' column 'text' holds {typ}, not strings; give a text column")
+
+
 def iter_txt(name: str) -> Iterator[Document]:
-    text = Path(name).read_text(encoding="utf-8", errors="replace")
+    text = decode_text(Path(name).read_bytes())
+    if text is None:
+        raise DataError(f"'{name}' {NOT_TEXT}")
     if text.strip():
         yield Document(SOURCE, name, text)
 
 
 def iter_jsonl(name: str) -> Iterator[Document]:
-    with open(name, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(name, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = decode_text(raw)  # a BOM on the first line is dropped
+            if line is None:
+                raise DataError(f"'{name}' line {lineno}: {NOT_TEXT}")
             if not line.strip():
                 continue
             try:
                 text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except RecursionError:
+                raise DataError(f"'{name}' line {lineno}: JSON nested too deeply") from None
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
                 raise DataError(
                     f"'{name}' line {lineno}: expected a JSON object with a 'text' field"
                 ) from None
@@ -68,16 +105,14 @@ def iter_text_column(path: str | Path) -> Iterator[str | None]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    text_column_type(path, DataError)
     try:
         pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["text"]):
+            yield from batch.column(0).to_pylist()
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"'{path}' is not a readable parquet file ({exc})") from None
-    if "text" not in pf.schema_arrow.names:
-        raise DataError(
-            f"'{path}' has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})"
-        )
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["text"]):
-        yield from batch.column(0).to_pylist()
+        why = " ".join(str(exc).split())[:160]
+        raise DataError(f"'{path}' is not a readable parquet file ({why})") from None
 
 
 def iter_parquet(name: str) -> Iterator[Document]:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from head_explain.data import Document
+from head_explain.data import Document, decode_text
 from head_explain.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -60,8 +60,33 @@ def find_files(root: Path) -> list[Path]:
     )
 
 
+def _report_skipped(where: Path, skipped: dict[str, list[str]]) -> None:
+    """One warning per reason, naming the first few skipped entries."""
+    for why, names in skipped.items():
+        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+        log.warning(
+            "stackexchange: skipped %d entries of %s (%s): %s", len(names), where, why, shown
+        )
+
+
+def _read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[str | None, str]:
+    """(text, "") or (None, why the entry is skipped)."""
+    if info.flag_bits & 0x1:
+        return None, "encrypted"
+    try:
+        with zf.open(info) as fh:
+            data = fh.read()
+    except NotImplementedError:  # e.g. an unsupported compression method
+        return None, f"unsupported compression method {info.compress_type}"
+    text = decode_text(data)
+    return (text, "") if text is not None else (None, "not UTF-8 text")
+
+
 def iter_zip(path: Path) -> Iterator[Document]:
+    """Entries as documents; encrypted, undecodable and non-text entries are skipped,
+    counted and named in a warning."""
     site = path.name.removesuffix(".zip")
+    skipped: dict[str, list[str]] = {}
     try:
         with zipfile.ZipFile(path) as zf:
             seen: set[str] = set()
@@ -69,16 +94,23 @@ def iter_zip(path: Path) -> Iterator[Document]:
                 if info.is_dir() or info.filename in seen:
                     continue  # a re-run of the tool appends the same entries again
                 seen.add(info.filename)
-                with zf.open(info) as fh:
-                    text = fh.read().decode("utf-8", errors="replace")
-                if text.strip():
+                text, why = _read_entry(zf, info)
+                if text is None:
+                    skipped.setdefault(why, []).append(info.filename)
+                elif text.strip():
                     yield Document(SOURCE, f"{site}/{info.filename}", text)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"'{path}' is not a valid zip archive ({exc})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, RuntimeError) as exc:
+        why = " ".join(str(exc).split())[:160]
+        raise DataError(f"'{path}' is not a valid zip archive ({why})") from None
+    finally:
+        _report_skipped(path, skipped)
 
 
 def iter_txt(path: Path) -> Iterator[Document]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = decode_text(path.read_bytes())
+    if text is None:
+        _report_skipped(path.parent, {"not UTF-8 text": [path.name]})
+        return
     if text.strip():
         yield Document(SOURCE, f"{site_of_entry(path.name)}/{path.name}", text)
 
@@ -133,7 +165,7 @@ def iter_zst(path: Path) -> Iterator[Document]:
         try:
             obj = json.loads(line)
             text = obj["text"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
             raise DataError(
                 f"'{path}' line {lineno}: expected a JSON object with a 'text' field "
                 '({"text": ..., "meta": {"name": ...}})'

@@ -59,13 +59,16 @@ def run(cfg: Config) -> dict[str, Any]:
         tokens, windows["window_id"].to_numpy(), progress=progress_enabled()
     )
     meta = stage_meta(cfg, STAGE) | {"sample_hash": config_hash(cfg, STAGE_PARAMS["sample"])}
-    for name, df in (
-        ("raw_events.parquet", result.raw_events),
-        ("head_stats.parquet", result.head_stats),
-        ("activations.parquet", result.activations),
-        ("pairs.parquet", result.pairs),
-    ):
-        art.write_parquet(out(cfg, name), df, meta)
+    # All four or none: a full disk on the last must not leave the first two swapped in.
+    art.write_parquet_set(
+        {
+            out(cfg, "raw_events.parquet"): result.raw_events,
+            out(cfg, "head_stats.parquet"): result.head_stats,
+            out(cfg, "activations.parquet"): result.activations,
+            out(cfg, "pairs.parquet"): result.pairs,
+        },
+        meta,
+    )
     return {
         "heads": [head_name(layer, head) for layer, head in heads],
         "n_heads": len(heads),
@@ -109,3 +112,10 @@ def check_reusable(cfg: Config) -> None:
             raise ArtifactError(
                 f"--skip-cache: {path} was made with {what}; run without --skip-cache"
             )
+    # Columns, types and every page; the three cache outputs from one run.
+    try:
+        for name in wants:
+            art.check_parquet(out(cfg, name), full=True)
+        art.check_same_run([out(cfg, name) for name in OUTPUTS[STAGE]])
+    except ArtifactError as exc:
+        raise ArtifactError(f"--skip-cache: {exc}; or run without --skip-cache") from None

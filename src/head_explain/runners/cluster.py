@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from head_explain.artifacts import read_jsonl, read_parquet, write_json
+from head_explain.artifacts import read_json, read_jsonl, read_parquet, write_json
 from head_explain.cluster import (
     check_embedding_model,
     cluster_heads,
@@ -24,6 +24,16 @@ STAGE = "cluster"
 
 def preflight(cfg: Config) -> None:
     check_embedding_model(cfg.embedding_model)
+
+
+def check_reusable(cfg: Config) -> None:
+    """For --skip-cluster: clusters.json exists and meets its contract."""
+    from head_explain.errors import ArtifactError
+
+    try:
+        read_json(out(cfg, "clusters.json"))
+    except ArtifactError as exc:
+        raise ArtifactError(f"--skip-cluster: {exc}; or run without --skip-cluster") from None
 
 
 def run(cfg: Config) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from head_explain import artifacts as art
 from head_explain.config import Config, config_hash
-from head_explain.errors import ConfigError, StageFailed
+from head_explain.errors import ArtifactError, ConfigError, StageFailed
 from head_explain.graph import STAGE_PARAMS
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,29 @@ def expected_meta(cfg: Config, stage: str) -> dict[str, str]:
 
 def write_stage_metrics(cfg: Config, stage: str, metrics: dict[str, Any]) -> None:
     art.write_json(out(cfg, f"metrics/{stage}.json"), {"stage": stage, **metrics})
+
+
+def check_heads_match(
+    path: Path, have: set[tuple[int, int]], want: set[tuple[int, int]] | None, who: str, what: str
+) -> None:
+    """ArtifactError when an artifact's heads differ from `want` (None: not checked)."""
+    if want is None or have == want:
+        return
+    from head_explain.heads import head_name
+
+    def names(keys: set[tuple[int, int]]) -> str:
+        shown = [head_name(*k) for k in sorted(keys)[:5]]
+        return ", ".join(shown) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    parts = []
+    if have - want:
+        parts.append(f"has heads not in {what}: {names(have - want)}")
+    if want - have:
+        parts.append(f"lacks {names(want - have)}")
+    raise ArtifactError(
+        f"{who}: {path} {' and '.join(parts)}; rerun the stage that writes it"
+        + (f" (run without {who})" if who.startswith("--") else "")
+    )
 
 
 def progress_enabled() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -17,6 +18,7 @@ from head_explain import artifacts as art
 from head_explain.config import Config
 from head_explain.errors import ArtifactError
 from head_explain.runners.common import (
+    check_heads_match,
     fail_check,
     llm_metrics,
     out,
@@ -26,6 +28,7 @@ from head_explain.runners.common import (
 )
 
 STAGE = "explain"
+log = logging.getLogger(__name__)
 
 
 def preflight(cfg: Config) -> None:
@@ -33,7 +36,12 @@ def preflight(cfg: Config) -> None:
     from head_explain.prompts import load_explain
 
     load_explain(cfg.explain_prompt)  # unknown version, unreadable or unfit file: ConfigError
+    art.read_partial_jsonl(_journal_path(cfg))  # a damaged journal: refused before any stage
     check_ready(cfg)
+
+
+def _journal_path(cfg: Config):
+    return out(cfg, ".explanations.jsonl.partial")
 
 
 def explainer_name(cfg: Config) -> str:
@@ -42,17 +50,32 @@ def explainer_name(cfg: Config) -> str:
     return model_for(cfg, "explainer")
 
 
+def expected_heads(cfg: Config) -> set[tuple[int, int]] | None:
+    """The heads this config analyses, from the model's config alone; None if unknown."""
+    from head_explain import models
+    from head_explain.heads import choose_heads
+
+    shape = models.head_shape(cfg.model)
+    return set(choose_heads(*shape, cfg.max_heads, cfg.heads)) if shape else None
+
+
 def check_reusable(cfg: Config) -> None:
-    """For --skip-explain: explanations.jsonl exists and was written by this explainer."""
+    """For --skip-explain: explanations.jsonl meets its contract, was written by this
+    explainer and covers exactly the heads this config analyses."""
     path = out(cfg, "explanations.jsonl")
     if not path.exists():
         raise ArtifactError(f"--skip-explain: {path} is missing; run without --skip-explain")
-    rows = art.read_jsonl(path)
+    try:
+        rows = art.read_jsonl(path)
+    except ArtifactError as exc:
+        raise ArtifactError(f"--skip-explain: {exc}; or run without --skip-explain") from None
     if rows and rows[0].get("explainer_model") not in (None, explainer_name(cfg)):
         raise ArtifactError(
             f"--skip-explain: explanations.jsonl was written by {rows[0]['explainer_model']!r},"
             f" not {explainer_name(cfg)!r}; run without --skip-explain"
         )
+    check_heads_match(path, {(r["layer"], r["head"]) for r in rows}, expected_heads(cfg),
+                      "--skip-explain", "the heads this config analyses")  # fmt: skip
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -64,13 +87,16 @@ def run(cfg: Config) -> dict[str, Any]:
     template = prompts.load_explain(cfg.explain_prompt)
     ev_df = read_evidence(out(cfg, "evidence.parquet"), cfg.model)
     evidence = {(int(r["layer"]), int(r["head"])): r for r in ev_df.to_dict("records")}
-    backend = make_backend(cfg, "explainer")
     final = out(cfg, "explanations.jsonl")
-    partial = final.with_name(".explanations.jsonl.partial")
+    partial = _journal_path(cfg)
+    journal, torn = art.read_partial_jsonl(partial)  # damage before the last line: refused
+    if torn:
+        log.warning("explain: dropped the cut-off last line of %s; that head is redone", partial)
+    backend = make_backend(cfg, "explainer")
     # Heads finished by an earlier, interrupted run with the same model and prompt.
     done = {
         (r["layer"], r["head"]): r
-        for r in (art.read_jsonl(partial) if partial.exists() else [])
+        for r in journal
         if r.get("explainer_model") == backend.model and r.get("prompt_sha") == template.sha
         and not r.get("error")
     }  # fmt: skip

@@ -8,7 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from head_explain.artifacts import atomic_path, write_json, write_text
+from head_explain.artifacts import (
+    atomic_path,
+    check_parquet,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_text,
+)
 from head_explain.config import Config
 
 log = logging.getLogger(__name__)
@@ -17,7 +24,21 @@ STAGE = "report"
 
 
 def preflight(cfg: Config) -> None:
-    """Nothing beyond the config schema (MLflow is reached at the end of the stage)."""
+    """The MLflow store must be usable: it is reached only at the end of the stage."""
+    from head_explain.tracking import check_tracking
+
+    check_tracking(cfg)
+
+
+def check_inputs(outdir: Path) -> None:
+    """Every artifact the report reads, checked before anything is rewritten."""
+    read_jsonl(outdir / "explanations.jsonl")
+    check_parquet(outdir / "scores.parquet", full=True)
+    for name in ("head_stats.parquet", "events.parquet"):
+        if (outdir / name).exists():
+            check_parquet(outdir / name, full=True)
+    if (outdir / "clusters.json").exists():
+        read_json(outdir / "clusters.json")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -46,6 +67,7 @@ def write_report(cfg: Config, wall_times: dict | None = None) -> dict[str, Any]:
     from head_explain.report_plots import plot_score_hist, plot_score_map, write_plot_data
 
     outdir = Path(cfg.outdir)
+    check_inputs(outdir)
     ctx = load_inputs(outdir)
     summary = build_summary(ctx["explanations"], ctx["scores"], ctx["head_stats"], ctx["clusters"])
     wall = {

@@ -17,6 +17,7 @@ from head_explain import artifacts as art
 from head_explain.config import Config
 from head_explain.heads import head_name
 from head_explain.runners.common import (
+    check_heads_match,
     fail_check,
     llm_metrics,
     out,
@@ -36,8 +37,13 @@ def preflight(cfg: Config) -> None:
 
 
 def check_reusable(cfg: Config) -> None:
-    """For --skip-simulate: scores.parquet exists and belongs to this model."""
-    art.read_parquet(out(cfg, "scores.parquet"), {"model": cfg.model})
+    """For --skip-simulate: scores.parquet exists, belongs to this model, reads whole."""
+    from head_explain.errors import ArtifactError
+
+    try:
+        art.check_parquet(out(cfg, "scores.parquet"), {"model": cfg.model}, full=True)
+    except ArtifactError as exc:
+        raise ArtifactError(f"--skip-simulate: {exc}; or run without --skip-simulate") from None
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -51,6 +57,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
     expl = {(r["layer"], r["head"]): r for r in art.read_jsonl(out(cfg, "explanations.jsonl"))}
+    ev_heads = {(int(a), int(b)) for a, b in events[["layer", "head"]].drop_duplicates().to_numpy()}
+    check_heads_match(out(cfg, "explanations.jsonl"), set(expl), ev_heads, STAGE, "events.parquet")
     backend = make_backend(cfg, "simulator")
     method = cfg.simulation_method
     if method == "auto":
