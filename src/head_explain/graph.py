@@ -66,6 +66,9 @@ OUTPUTS: dict[str, list[str]] = {
 
 # Outputs DVC keeps out of its cache (small, rewritten every run, or read by DVC itself).
 UNCACHED: dict[str, list[str]] = {
+    # per-call records (timings differ on every run): for traces, not for reuse
+    "explain": ["llm_calls/explain.jsonl"],
+    "simulate": ["llm_calls/simulate.jsonl"],
     "report": ["plots/score_map.png", "plots/score_hist.png"],
 }
 

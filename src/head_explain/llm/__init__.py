@@ -11,7 +11,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from head_explain.errors import ConfigError, LLMError
-from head_explain.llm.base import ChatResult, LLMBackend, LLMStats, ScoreResult, TokenLogprob
+from head_explain.llm.base import (
+    ChatResult,
+    LLMBackend,
+    LLMStats,
+    ScoreResult,
+    TokenLogprob,
+    label_calls,
+)
 from head_explain.llm.cache import LLMCache, cache_key, open_cache
 
 if TYPE_CHECKING:
@@ -31,6 +38,7 @@ __all__ = [
     "TokenLogprob",
     "cache_key",
     "check_ready",
+    "label_calls",
     "make_backend",
     "model_for",
 ]
@@ -51,6 +59,12 @@ def model_for(cfg: Config, role: str) -> str:
 
 def make_backend(cfg: Config, role: str) -> LLMBackend:
     """A backend for `role` ("explainer" or "simulator"); close it with `aclose()`."""
+    backend = _make_backend(cfg, role)
+    backend.role = role
+    return backend
+
+
+def _make_backend(cfg: Config, role: str) -> LLMBackend:
     model = model_for(cfg, role)
     if cfg.llm not in ("embedded", "openai"):
         raise ConfigError(f"key 'llm': {cfg.llm!r} is not one of embedded, openai")
@@ -93,10 +107,14 @@ def check_ready(cfg: Config) -> None:
         raise ConfigError(f"key 'llm': {cfg.llm!r} is not one of embedded, openai")
     from head_explain.llm.openai_backend import (
         api_key_for,
+        client_url,
+        install_log_filter,
         missing_key_message,
         one_line,
         redact,
+        redact_url,
         resolve_base_url,
+        url_secrets,
     )
 
     url, source = resolve_base_url(cfg.openai_base_url)
@@ -107,13 +125,19 @@ def check_ready(cfg: Config) -> None:
     import httpx
 
     timeout = min(READY_TIMEOUT_S, cfg.llm_timeout_s)
-    named = f"{source} '{url}'" if source != "default" else f"OpenAI's API '{url}'"
+    shown = redact_url(url)  # a base URL may carry credentials: never print them
+    named = f"{source} '{shown}'" if source != "default" else f"OpenAI's API '{shown}'"
     try:
+        base, query, _ = client_url(url)
+        install_log_filter()
         resp = httpx.get(
-            f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout
+            f"{base}/models",
+            params=query,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=timeout,
         )
     except httpx.HTTPError as exc:
-        why = one_line(redact(f"{type(exc).__name__}: {exc}", key), 160)
+        why = one_line(redact(f"{type(exc).__name__}: {exc}", key, url_secrets(url)), 160)
         raise LLMError(
             f"{named} does not answer within {timeout:g}s ({why}); start the server, fix "
             "the URL, or run offline with `--llm embedded`"
@@ -122,7 +146,7 @@ def check_ready(cfg: Config) -> None:
         raise LLMError(
             f"{named} rejected the API key (HTTP {resp.status_code}); check OPENAI_API_KEY"
         )
-    log.info("LLM endpoint %s answers (HTTP %d)", url, resp.status_code)
+    log.info("LLM endpoint %s answers (HTTP %d)", shown, resp.status_code)
 
 
 def _check_cache(cfg: Config) -> None:

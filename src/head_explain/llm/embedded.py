@@ -49,7 +49,12 @@ class _Engine:
 
     # --- chat ----------------------------------------------------------------------
     def chat(
-        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
+        self,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        top_logprobs: int,
+        seed: int | None = None,
     ) -> dict[str, Any]:
         torch = self.torch
         # A trailing assistant message is a prefill the model continues (the reply is
@@ -70,6 +75,8 @@ class _Engine:
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         with self.lock, torch.inference_mode():
+            if temperature > 0:  # sampled: seeded, so a rerun gives the same reply
+                torch.manual_seed(0 if seed is None else seed)
             out = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -176,11 +183,19 @@ class EmbeddedBackend(LLMBackend):
         return _ENGINE if _ENGINE is not None else await asyncio.to_thread(engine)
 
     async def _chat(
-        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
+        self,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        top_logprobs: int,
+        seed: int | None = None,
+        json_schema: dict | None = None,  # not enforced here; the validator checks
     ) -> ChatResult:
         eng = await self._engine()
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(eng.chat, messages, max_tokens, temperature, top_logprobs)
+        out = await asyncio.to_thread(
+            eng.chat, messages, max_tokens, temperature, top_logprobs, seed
+        )
         raw = {"model": MODEL_NAME, "text": out["text"], "token_ids": out["token_ids"]}
         return ChatResult(
             text=out["text"],

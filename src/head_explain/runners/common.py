@@ -68,6 +68,13 @@ def llm_metrics(backend) -> dict[str, Any]:
     return {"model": backend.model, "backend": backend.kind, "llm": backend.stats.as_dict()}
 
 
+def write_llm_calls(cfg: Config, stage: str, *backends) -> None:
+    """outputs/llm_calls/<stage>.jsonl: one record per LLM call of this run, in start order
+    (see LLMBackend.calls), for MLflow traces and cost audits."""
+    recs = sorted((c for b in backends for c in b.calls), key=lambda c: c["start_time"])
+    art.write_jsonl(out(cfg, f"llm_calls/{stage}.jsonl"), [{"stage": stage, **c} for c in recs])
+
+
 async def with_close(backend, coro):
     try:
         return await coro

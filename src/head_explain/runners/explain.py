@@ -22,6 +22,7 @@ from head_explain.runners.common import (
     out,
     progress_enabled,
     with_close,
+    write_llm_calls,
     write_stage_metrics,
 )
 
@@ -99,6 +100,7 @@ def run(cfg: Config) -> dict[str, Any]:
             )
         finally:
             bar.close()
+            write_llm_calls(cfg, STAGE, backend)
     ordered = [rows[k] for k in sorted(rows)]
     art.write_jsonl(final, ordered)
     failed = [r for r in ordered if r["error"]]

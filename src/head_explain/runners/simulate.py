@@ -21,6 +21,7 @@ from head_explain.runners.common import (
     progress_enabled,
     stage_meta,
     with_close,
+    write_llm_calls,
     write_stage_metrics,
 )
 
@@ -43,7 +44,7 @@ def run(cfg: Config) -> dict[str, Any]:
     import pandas as pd
 
     from head_explain import prompts, simulate
-    from head_explain.llm import make_backend
+    from head_explain.llm import label_calls, make_backend
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
     expl = {(r["layer"], r["head"]): r for r in art.read_jsonl(out(cfg, "explanations.jsonl"))}
@@ -59,6 +60,7 @@ def run(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=len(heads), desc="simulate: heads", disable=not progress_enabled())
 
     async def one(key):
+        label_calls(head=head_name(*key))  # for the call records
         other = base.get(key, key)
         row = await simulate.score_head(
             backend, method, template, key[0], key[1], expl[key]["explanation"],
@@ -74,6 +76,7 @@ def run(cfg: Config) -> dict[str, Any]:
         rows = asyncio.run(with_close(backend, all_heads()))
     finally:
         bar.close()
+        write_llm_calls(cfg, STAGE, backend)
     df = pd.DataFrame(rows)
     df["prompt_sha"] = template.sha
     meta = stage_meta(cfg, STAGE) | {"method": method}
