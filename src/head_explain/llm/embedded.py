@@ -3,8 +3,8 @@
 Why in-process: the offline path must work on a bare CPU machine with nothing but the
 wheel's GGUF. Torch is not safe for concurrent forward passes on one model, so every
 forward pass holds one lock and runs in a worker thread (`asyncio.to_thread`), keeping
-the event loop free. Scoring requests that arrive while the model is busy are batched
-into one padded forward pass.
+the event loop free. Scoring requests that arrive while the model is busy are queued
+and run one prompt per forward pass (see `forward_logprobs` for why not padded).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from head_explain.llm.cache import LLMCache
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "smollm2-135m-instruct"
-MAX_SCORE_BATCH = 8  # prompts per scoring forward pass
-MAX_SCORE_BATCH_TOKENS = 8 * 1024  # padded tokens per scoring forward pass
+MAX_SCORE_BATCH = 8  # prompts per hold of the lock (one forward pass each)
+MAX_SCORE_BATCH_TOKENS = 8 * 1024  # tokens per hold of the lock
 
 
 class _Engine:
@@ -132,19 +132,21 @@ class _Engine:
         return found
 
     def forward_logprobs(self, batch: list[tuple[list[int], list[int]]]) -> list[Any]:
-        """For each (ids, positions): log_softmax rows at those positions, one pass."""
+        """For each (ids, positions): log_softmax rows at those positions.
+
+        One forward pass per prompt, never a padded batch: a row's numbers must not
+        depend on what it was batched with (padding width and batch size change the
+        matrix shapes and so the order of float additions: ~1e-6 differences that made
+        a cached rerun or a resumed run differ from the first one). The queue still
+        takes the lock once per batch.
+        """
         torch = self.torch
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (ids, _) in enumerate(batch):  # right padding keeps real positions intact
-            input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[r, : len(ids)] = 1
+        out = []
         with self.lock, torch.inference_mode():
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]
-            out = []
-            for r, (_, positions) in enumerate(batch):
-                h = hidden[r, positions]  # only the rows we need go through lm_head
+            for ids, positions in batch:
+                input_ids = torch.tensor([ids], dtype=torch.long)
+                hidden = self.model.base_model(input_ids=input_ids)[0]
+                h = hidden[0, positions]  # only the rows we need go through lm_head
                 out.append(torch.log_softmax(self.model.lm_head(h).float(), dim=-1))
         return out
 
