@@ -277,6 +277,23 @@ def test_adaptive_limit_halves_on_429_and_regrows():
     asyncio.run(scenario())
 
 
+def test_max_cost_stops_before_the_request_that_would_exceed_it(monkeypatch, tmp_path):
+    from head_explain.llm.base import CostLimitReached
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    s = Script((200, JSON, chat_body(pt=1000, ct=100)))
+    b = backend(s, url="https://api.openai.com/v1", model="gpt-4o-mini",
+                cache=LLMCache(tmp_path / "c.sqlite"))  # fmt: skip
+    # one reply costs (1000 * 0.15 + 100 * 0.6) / 1e6 = $0.00021; the next request's
+    # estimate (4 prompt + 5 max_tokens tokens) would not fit under $0.000212
+    b.max_cost_usd = 0.000212
+    chat(b)
+    with pytest.raises(CostLimitReached, match="max_cost_usd=0.000212 reached"):
+        asyncio.run(b.chat([{"role": "user", "content": "other"}], max_tokens=5))
+    assert len(s.calls) == 1 and b.cost_limited  # refused unsent
+    assert chat(b).cached  # what was paid for stays usable
+
+
 def test_429_lowers_concurrency_and_is_counted(monkeypatch):
     s = Script((429, JSON, {"error": {"message": "slow"}}), (200, JSON, chat_body()))
     b = backend(s, retries=2)

@@ -38,6 +38,7 @@ __all__ = [
     "TokenLogprob",
     "cache_key",
     "check_ready",
+    "identity_for",
     "label_calls",
     "make_backend",
     "model_for",
@@ -57,10 +58,26 @@ def model_for(cfg: Config, role: str) -> str:
     return cfg.openai_model
 
 
+def identity_for(cfg: Config, role: str) -> dict:
+    """The backend identity part of `role`'s cache keys, without building a backend
+    (no key needed, nothing sent): what make_backend(cfg, role).identity() returns."""
+    if cfg.llm == "embedded":
+        from head_explain.llm.embedded import MODEL_NAME
+        from head_explain.models import bundled_gguf
+
+        return {"kind": "embedded", "model": MODEL_NAME, "base_url": "",
+                "weights": bundled_gguf().stat().st_size}  # fmt: skip
+    from head_explain.llm.openai_backend import resolve_base_url
+
+    return {"kind": "openai", "model": model_for(cfg, role),
+            "base_url": resolve_base_url(cfg.openai_base_url)[0]}  # fmt: skip
+
+
 def make_backend(cfg: Config, role: str) -> LLMBackend:
     """A backend for `role` ("explainer" or "simulator"); close it with `aclose()`."""
     backend = _make_backend(cfg, role)
     backend.role = role
+    backend.max_cost_usd = float(getattr(cfg, "max_cost_usd", 0.0) or 0.0)
     return backend
 
 

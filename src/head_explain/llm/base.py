@@ -143,10 +143,45 @@ def label_calls(**labels: Any) -> None:
     _LABEL.set({**(_LABEL.get() or {}), **labels})
 
 
+def chat_payload(
+    messages: list[dict],
+    max_tokens: int,
+    temperature: float,
+    top_logprobs: int,
+    json_schema: dict | None = None,
+) -> dict[str, Any]:
+    """What determines a chat answer besides the backend (its cache key's request part;
+    plan.py builds the same to find cache hits before a run)."""
+    payload: dict[str, Any] = {
+        "op": "chat",
+        "messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in messages],
+        "max_tokens": int(max_tokens),
+        "temperature": float(temperature),
+        "top_logprobs": int(top_logprobs),
+    }
+    if json_schema is not None:  # only then: keys of unconstrained calls stay as they were
+        payload["json_schema"] = json_schema
+    return payload
+
+
+def score_payload(prompt: str, slot_offsets: list[int], candidates: list[str]) -> dict[str, Any]:
+    """The request part of a score_prompt cache key (see chat_payload)."""
+    return {
+        "op": "score",
+        "prompt": prompt,
+        "slot_offsets": [int(o) for o in slot_offsets],
+        "candidates": list(candidates),
+    }
+
+
 def check_slots(prompt: str, slot_offsets: list[int]) -> None:
     for off in slot_offsets:
         if not isinstance(off, int) or not 0 <= off <= len(prompt):
             raise ValueError(f"slot offset {off!r} is outside the prompt (0..{len(prompt)})")
+
+
+class CostLimitReached(LLMError):
+    """The next request would take the stage's spend past max_cost_usd: not sent."""
 
 
 class LLMBackend(ABC):
@@ -167,6 +202,9 @@ class LLMBackend(ABC):
         #  cached, start_time, error}; the runner adds the stage and writes them.
         self.calls: list[dict[str, Any]] = []
         self._cache = cache
+        self.max_cost_usd = 0.0  # 0: no limit; set by make_backend from the config
+        self.cost_limited = False  # a request was refused for the limit
+        self._reserved = 0.0  # estimated cost of the requests in flight
         self._concurrency = max(1, int(concurrency))
         self._limits: dict[int, AdaptiveLimit] = {}
         self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep  # tests record delays
@@ -230,6 +268,10 @@ class LLMBackend(ABC):
     def describe(self, exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
+    def price(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD of a request of that size (0 here: local models cost nothing)."""
+        return 0.0
+
     def _redact(self, text: str) -> str:
         """Text fit for logs and errors (backends holding a secret override this)."""
         return text
@@ -286,6 +328,7 @@ class LLMBackend(ABC):
         account: Callable[[R], None],
         validate: Callable[[R], None] | None,
         key: str | None,
+        est_usd: float = 0.0,
     ) -> R:
         """One logical call under the retry policy (llm/policy.py): request, account,
         validate; `call(varied)` makes one attempt, `varied` after an unusable reply.
@@ -319,7 +362,7 @@ class LLMBackend(ABC):
             async for attempt in tenacity.AsyncRetrying(sleep=self.sleep, **policy):
                 with attempt:
                     tries = attempt.retry_state.attempt_number
-                    res = await self._attempt(call, last_unusable[0])
+                    res = await self._attempt(call, last_unusable[0], est_usd)
                     account(res)  # an unusable reply was still paid for
                     why = self._unusable(validate, res)
                     last_unusable[0] = why is not None
@@ -339,6 +382,8 @@ class LLMBackend(ABC):
             raise
         except Exception as exc:
             self.stats.failures += 1
+            if isinstance(exc, CostLimitReached):
+                raise
             tried = f" after {tries - 1} retries" if tries > 1 else ""
             raise LLMError(
                 " ".join(self._redact(f"{self._what(op)} failed{tried}: {self.describe(exc)}")
@@ -348,10 +393,22 @@ class LLMBackend(ABC):
             self._cache.put(key, res.to_json())  # type: ignore[attr-defined]
         return res
 
-    async def _attempt(self, call: Callable[[bool], Awaitable[R]], varied: bool) -> R:
-        """One request holding one slot of the adaptive limit; a 429 lowers the limit."""
+    async def _attempt(
+        self, call: Callable[[bool], Awaitable[R]], varied: bool, est_usd: float = 0.0
+    ) -> R:
+        """One request holding one slot of the adaptive limit; a 429 lowers the limit.
+        Refused, unsent, when it could take the spend past max_cost_usd (what is spent
+        plus what the requests in flight may cost)."""
         lim = self.limit()
         async with lim:
+            limit = self.max_cost_usd
+            if limit > 0 and self.stats.cost_usd + self._reserved + est_usd > limit:
+                self.cost_limited = True
+                raise CostLimitReached(
+                    f"max_cost_usd={limit:g} reached: ${self.stats.cost_usd:.4f} spent, the next "
+                    f"request may cost ${est_usd:.4f}; not sent"
+                )
+            self._reserved += est_usd
             try:
                 res = await call(varied)
             except Exception as exc:
@@ -359,6 +416,8 @@ class LLMBackend(ABC):
                     self.stats.throttled += 1
                     lim.throttled()
                 raise
+            finally:
+                self._reserved -= est_usd
             lim.succeeded()
             return res
 
@@ -406,16 +465,8 @@ class LLMBackend(ABC):
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-        payload = {
-            "op": "chat",
-            "messages": msgs,
-            "max_tokens": int(max_tokens),
-            "temperature": float(temperature),
-            "top_logprobs": int(top_logprobs),
-        }
-        if json_schema is not None:  # only then: keys of unconstrained calls stay as they were
-            payload["json_schema"] = json_schema
+        payload = chat_payload(messages, max_tokens, temperature, top_logprobs, json_schema)
+        msgs = payload["messages"]
 
         async def run() -> ChatResult:
             key, hit = self._cached(
@@ -436,6 +487,8 @@ class LLMBackend(ABC):
                 lambda r: self._account(r.prompt_tokens, r.completion_tokens, r.cost_usd),
                 validate,
                 key,
+                # at most: chars/4 prompt tokens (+4 per message), max_tokens in reply
+                self.price(sum(len(m["content"]) // 4 + 4 for m in msgs), int(max_tokens)),
             )
 
         return await self._recorded("chat", run)
@@ -457,12 +510,7 @@ class LLMBackend(ABC):
         """
         slot_offsets = [int(o) for o in slot_offsets]
         check_slots(prompt, slot_offsets)
-        payload = {
-            "op": "score",
-            "prompt": prompt,
-            "slot_offsets": slot_offsets,
-            "candidates": list(candidates),
-        }
+        payload = score_payload(prompt, slot_offsets, candidates)
 
         async def run() -> ScoreResult:
             key, hit = self._cached(
@@ -476,6 +524,7 @@ class LLMBackend(ABC):
                 lambda r: self._account(r.prompt_tokens, 0, r.cost_usd),
                 validate,
                 key,
+                self.price(len(prompt) // 4 + 1, 1),
             )
 
         return await self._recorded("score", run)

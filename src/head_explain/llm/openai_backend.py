@@ -357,6 +357,9 @@ class OpenAIBackend(LLMBackend):
     def describe(self, exc: BaseException) -> str:
         return describe(exc)
 
+    def price(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return cost_usd(self.model, prompt_tokens, completion_tokens, local=self.local)
+
     def client(self) -> Any:
         """The async client of the running loop (connection pools are loop-bound)."""
         from openai import AsyncOpenAI

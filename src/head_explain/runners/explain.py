@@ -21,6 +21,7 @@ from head_explain.runners.common import (
     llm_metrics,
     out,
     progress_enabled,
+    cost_stop,
     with_close,
     write_llm_calls,
     write_stage_metrics,
@@ -109,5 +110,6 @@ def run(cfg: Config) -> dict[str, Any]:
     metrics = {"heads": len(ordered), "failed": len(failed), "resumed": len(done),
                "prompt_version": template.name, "prompt_sha": template.sha, **llm_metrics(backend)}  # fmt: skip
     write_stage_metrics(cfg, STAGE, metrics)
+    cost_stop(cfg, STAGE, backend, len(ordered) - len(failed), len(ordered))
     fail_check(cfg, STAGE, len(failed), len(ordered), failed[0]["error"] if failed else None)
     return metrics

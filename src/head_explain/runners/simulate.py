@@ -15,6 +15,7 @@ from head_explain import artifacts as art
 from head_explain.config import Config
 from head_explain.heads import head_name
 from head_explain.runners.common import (
+    cost_stop,
     fail_check,
     llm_metrics,
     out,
@@ -93,5 +94,6 @@ def run(cfg: Config) -> dict[str, Any]:
         "prompt_sha": template.sha, **llm_metrics(backend),
     }  # fmt: skip
     write_stage_metrics(cfg, STAGE, metrics)
+    cost_stop(cfg, STAGE, backend, len(df) - len(failed), len(df))
     fail_check(cfg, STAGE, len(failed), len(df), failed["error"].iloc[0] if len(failed) else None)
     return metrics
