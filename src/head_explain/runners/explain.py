@@ -17,11 +17,11 @@ from head_explain import artifacts as art
 from head_explain.config import Config
 from head_explain.errors import ArtifactError
 from head_explain.runners.common import (
+    cost_stop,
     fail_check,
     llm_metrics,
     out,
     progress_enabled,
-    cost_stop,
     with_close,
     write_llm_calls,
     write_stage_metrics,
