@@ -506,7 +506,8 @@ def copy_explained(explained: Path, outdir: Path) -> Path:
 
 def score_differences(a, b) -> list[str]:
     """How two scores.parquet frames differ: same heads in the same order, every score
-    column equal within 1e-9 and NaN exactly where the other is NaN. [] if they agree."""
+    column exactly equal (not within a tolerance: a resumed or cached rerun must write
+    the same bytes) and NaN exactly where the other is NaN. [] if they agree."""
     import math
 
     out = []
@@ -516,7 +517,7 @@ def score_differences(a, b) -> list[str]:
         return [f"heads differ: {keys_a} vs {keys_b}"]
     for col in SCORE_COLUMNS:
         for key, x, y in zip(keys_a, a[col], b[col], strict=True):
-            if math.isnan(x) != math.isnan(y) or (not math.isnan(x) and abs(x - y) > 1e-9):
+            if math.isnan(x) != math.isnan(y) or (not math.isnan(x) and x != y):
                 out.append(f"{col} of {key}: {x!r} vs {y!r}")
     return out
 

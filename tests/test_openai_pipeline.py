@@ -71,6 +71,13 @@ def test_explain_and_simulate_through_openai_backend(
     calls = [json.loads(x) for x in (outdir / "llm_calls" / "simulate.jsonl").open()]
     assert {c["op"] for c in calls} == {"score" if method == "echo" else "chat"}
     assert not any(c["error"] for c in calls)
+    # --plan after the run: every request of both stages is a cache hit, nothing to pay
+    from head_explain.plan import plan
+
+    p = {st["stage"]: st for st in plan(cfg)["stages"]}
+    assert p["explain"]["requests"] == 2 == p["explain"]["cached"], p
+    assert p["simulate"]["requests"] == s["llm"]["requests"] == p["simulate"]["cached"], p
+    assert p["simulate"]["prompt_tokens"] == 0 and not p["simulate"]["estimated"]
     again = pipeline.RUNNERS["simulate"].run(cfg)  # every usable answer comes from the cache
     assert again["llm"]["cache_hits"] > 0
     if method == "echo":
