@@ -67,7 +67,7 @@ def fp(proxy):
     proxy.release()
 
 
-def make_backend(proxy, tmp_path, retries=2, timeout=10.0, name="cache.sqlite"):
+def make_backend(proxy, tmp_path, retries=2, timeout=30.0, name="cache.sqlite"):
     b = OpenAIBackend(
         SERVER_MODEL, base_url=proxy.url, timeout_s=timeout, max_retries=retries,
         cache=LLMCache(tmp_path / name),
@@ -388,16 +388,21 @@ def test_simulate_chat_rejects_unusable_values(logprob_fp, tmp_path):
     b = make_backend(fp, tmp_path, retries=4)
     tpl = prompts.load(simulate.CHAT_PROMPT)
     tokens = ["a", " (", " b"]
+    # first learn which response_format form this server takes (llama-cpp-python
+    # refuses OpenAI's json_schema with a 500 and takes json_object + schema)
+    run(simulate.simulate_excerpt(b, "chat", tpl, "attends to x.", ["x", " y"]))
+    retries0 = b.stats.retries
+    fp.reset_records()
     fp.plan(
         mutate(chat_content('{"1": 0, "2": 11, "3": 2}'), "out of range"),
         then=mutate(chat_content('{"1": 0, "2": 2, "3": 9}'), "good"),
     )
     vals = run(simulate.simulate_excerpt(b, "chat", tpl, "attends to parentheses.", tokens))
     assert list(vals) == [0, 2, 9]
-    assert b.stats.retries == 1 and len(fp.posts()) == 2 and b.stats.failures == 0
+    assert b.stats.retries - retries0 == 1 and len(fp.posts()) == 2 and b.stats.failures == 0
     assert fp.posts()[1].json()["temperature"] == 0.7  # the one retry is varied
-    (row,) = [json.loads(v) for v in cache_values(tmp_path / "cache.sqlite")]
-    assert row["text"] == '{"1": 0, "2": 2, "3": 9}'  # the unusable reply was not kept
+    texts = [json.loads(v)["text"] for v in cache_values(tmp_path / "cache.sqlite")]
+    assert '{"1": 0, "2": 2, "3": 9}' in texts and len(texts) == 2  # not the unusable one
     run(b.aclose())
 
 
@@ -529,20 +534,24 @@ def test_stage_exits_1_over_max_failed_fraction_and_reruns_from_cache(
     # with llm_cache=off)
     assert stage.cache_rows() == 1 and len(stage.partial_rows()) == 4
 
-    # Below the threshold: exit 0, the failure recorded. Only the 3 failed heads are paid.
+    # Below the threshold: exit 0, a failure recorded. Only the 3 failed heads are paid.
+    # Two 503s: one head gets both (it fails) or two heads one each (both retry and pass;
+    # a slot is not held during a backoff, so which it is depends on timing).
     fp.reset_records()
-    fp.plan(status(503), status(503))  # the first remaining head fails twice; the rest pass
+    fp.plan(status(503), status(503))
     res = stage.run()
     assert res.returncode == 0, res.stderr[-2000:]
     m = stage.metrics()
     # the finished head comes back from the partial file: no request, no cache lookup
-    assert (m["failed"], m["llm"]["requests"], m["resumed"]) == (1, 3, 1)
-    assert len(fp.posts("/chat/completions")) == 2 + 2
+    assert (m["llm"]["requests"], m["resumed"]) == (3, 1)
+    assert (m["failed"], m["llm"]["retries"]) in ((1, 1), (0, 2)), m
+    assert len(fp.posts("/chat/completions")) == 3 + m["llm"]["retries"]
 
-    fp.reset_records()  # and once the endpoint is healthy, only the last one
+    fp.reset_records()  # and once the endpoint is healthy, only what is left
+    left = m["failed"]
     res = stage.run()
     assert res.returncode == 0 and stage.metrics()["failed"] == 0
-    assert stage.metrics()["llm"]["requests"] == 1 and len(fp.posts()) == 1
+    assert stage.metrics()["llm"]["requests"] == left and len(fp.posts()) == left
     assert all(r["explanation"] and not r["error"] for r in stage.rows())
 
 

@@ -91,3 +91,31 @@ def test_cache_hit_makes_no_request(emb):
     assert (a.cached, b.cached, s1.cached, s2.cached) == (False, True, False, True)
     assert b.text == a.text and s2.slots == s1.slots
     assert emb.stats.requests == before + 2 and emb.stats.cache_hits >= 2
+
+
+def test_shared_prefix_reuses_its_kv_cache_and_stays_deterministic(emb):
+    """A prompt that starts with a shared prefix is scored from the prefix's KV cache:
+    the same numbers as a full pass up to float rounding, and the same bits every time."""
+    from head_explain import prompts, simulate
+    from head_explain.llm.embedded import engine
+
+    tpl = prompts.load(simulate.ECHO_PROMPT)
+    prefix = tpl.text.split("$explanation")[0].rstrip()
+    prompt, slots = simulate.build_echo_prompt(tpl, "attends to commas.", ["a", ",", " b"])
+    emb._cache, cache = None, emb._cache
+    try:
+        eng = engine()
+        eng.prefixes.clear()
+        full = asyncio.run(emb.score_prompt(prompt, slots, DIGITS))
+        asyncio.run(emb.share_prefix(prefix))
+        assert len(eng.prefixes) == 1
+        ids, _ = eng.encode_slots(prompt, slots)
+        assert eng._prefix_of(ids, [len(ids) - 1]) is not None  # the prompt uses it
+        a = asyncio.run(emb.score_prompt(prompt, slots, DIGITS))
+        b = asyncio.run(emb.score_prompt(prompt, slots, DIGITS))
+    finally:
+        emb._cache = cache
+    assert a.slots == b.slots  # deterministic, bit for bit
+    for sf, sa in zip(full.slots, a.slots, strict=True):
+        assert sf.keys() == sa.keys()
+        assert max(abs(sf[k] - sa[k]) for k in sf) < 1e-3

@@ -207,6 +207,9 @@ async def simulate_excerpt(
 ) -> np.ndarray:
     """Predicted activation per token (NaN where a slot could not be read)."""
     if method == "echo":
+        # the instructions and few-shot example before the explanation are the same in
+        # every prompt: an in-process backend computes them once
+        await backend.share_prefix(template.text.split("$explanation")[0].rstrip())
         prompt, slots = build_echo_prompt(template, explanation, tokens)
         res = await backend.score_prompt(
             prompt, slots, ECHO_VALUES, validate=lambda r: check_echo_slots(r, len(slots))

@@ -214,6 +214,9 @@ class LLMBackend(ABC):
         """What, besides the request, determines an answer (part of every cache key)."""
         return {"kind": self.kind, "model": self.model, "base_url": ""}
 
+    async def share_prefix(self, text: str) -> None:
+        """A hint: many prompts will start with `text` (a backend may reuse its work)."""
+
     @abstractmethod
     def supports_echo(self) -> bool:
         """Whether `score_prompt` works here."""

@@ -590,11 +590,11 @@ def response_format(fmt: str, schema: dict) -> dict:
 
 
 def rejects_format(exc: BaseException) -> bool:
-    """A 400/422 that names the response_format (or the schema in it)."""
-    if getattr(exc, "status_code", None) not in (400, 422):
+    """A 400/422 (llama-cpp-python: a 500) that names the response_format (or its schema)."""
+    if getattr(exc, "status_code", None) not in (400, 422, 500):
         return False
     text = f"{exc} {json.dumps(getattr(exc, 'body', None), default=str)}".lower()
-    return any(w in text for w in ("response_format", "json_schema", "schema", "json_object"))
+    return "response_format" in text or "json_schema" in text
 
 
 def missing_key_message() -> str:
