@@ -216,6 +216,7 @@ class LLMBackend(ABC):
 
     async def share_prefix(self, text: str) -> None:
         """A hint: many prompts will start with `text` (a backend may reuse its work)."""
+        return None  # remote endpoints cache prompt prefixes themselves, if at all
 
     @abstractmethod
     def supports_echo(self) -> bool:
