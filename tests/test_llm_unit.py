@@ -228,12 +228,12 @@ def test_json_schema_is_sent_and_falls_back_where_rejected(monkeypatch):
     b = backend(s)
     assert chat(b, json_schema=schema).text == '{"1": 3}'
     sent = [json.loads(c.content).get("response_format") for c in s.calls]
-    assert sent[0]["type"] == "json_schema" and sent[0]["json_schema"]["schema"] == schema
-    assert sent[1] == {"type": "json_object", "schema": schema}  # llama-cpp-python's form
+    assert sent[0] == {"type": "json_object", "schema": schema}  # llama.cpp's form first
+    assert sent[1]["type"] == "json_schema" and sent[1]["json_schema"]["schema"] == schema
     assert b.stats.retries == 0  # a rejected form is not a retry
     s.answers = [(200, JSON, chat_body('{"1": 4}'))]
     chat(b, json_schema=schema, top_logprobs=1)
-    assert json.loads(s.calls[-1].content)["response_format"]["type"] == "json_object"
+    assert json.loads(s.calls[-1].content)["response_format"]["type"] == "json_schema"
     # an endpoint that takes neither form gets free text (the validator still checks)
     s3 = Script(rejected, rejected, (200, JSON, chat_body("[3]")))
     b3 = backend(s3)

@@ -575,11 +575,14 @@ def _echo_logprobs(raw: dict) -> dict | None:
 
 
 def schema_formats(url: str) -> tuple[str, ...]:
-    """The forms of a JSON-schema constraint to try at `url`, in order: OpenAI's
-    Structured Outputs (also vLLM's and llama.cpp's own server); llama-cpp-python's
-    server takes {"type": "json_object", "schema": ...} instead. An endpoint that rejects
-    one (HTTP 400/422) gets the next; after the last, free text."""
-    return ("json_schema",) if is_openai_url(url) else ("json_schema", "json_object")
+    """The forms of a JSON-schema constraint to try at `url`, in order. OpenAI's API:
+    Structured Outputs (`json_schema`). Other servers: first {"type": "json_object",
+    "schema": ...}, which both llama.cpp servers (llama-cpp-python's and llama.cpp's
+    own) enforce, so a run against them never pays for a refused request; then
+    `json_schema` (vLLM and others). An endpoint that refuses one (HTTP 400/422, or
+    llama-cpp-python's 500 naming response_format) gets the next; after the last, free
+    text (the validator still checks every reply)."""
+    return ("json_schema",) if is_openai_url(url) else ("json_object", "json_schema")
 
 
 def response_format(fmt: str, schema: dict) -> dict:
