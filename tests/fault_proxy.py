@@ -117,6 +117,10 @@ class Record:
     fault: str
     t: float = field(default_factory=time.monotonic)
     outcome: str = ""  # answered | reset | hung | dropped | upstream error
+    body: bytes = b""  # the request body as sent
+
+    def json(self) -> dict:
+        return json.loads(self.body or b"{}")
 
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
@@ -126,11 +130,12 @@ HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "conte
 class FaultProxy:
     """See the module docstring. Runs its own event loop in a daemon thread."""
 
-    def __init__(self, upstream: str, port: int = 0):
+    def __init__(self, upstream: str, port: int = 0, latency_s: float = 0.0):
         # upstream: "http://127.0.0.1:PORT" or a base URL ending in /v1 (kept as is: the
         # proxy forwards paths unchanged).
         self.upstream = upstream.rstrip("/").removesuffix("/v1")
         self.port = port
+        self.latency_s = latency_s  # added to every POST, like a remote API's round trip
         self.records: list[Record] = []
         self._lock = threading.Lock()
         self._plan: deque[Fault] = deque()
@@ -270,8 +275,10 @@ class FaultProxy:
         length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
         body = await reader.readexactly(length) if length else b""
         fault = self._next_fault(method)
-        rec = Record(method, path, str(fault))
+        rec = Record(method, path, str(fault), body=body)
         self.records.append(rec)
+        if self.latency_s and method == "POST":
+            await asyncio.sleep(self.latency_s)
 
         if fault.kind == "status":
             rec.outcome = "answered"
@@ -499,7 +506,8 @@ def copy_explained(explained: Path, outdir: Path) -> Path:
 
 def score_differences(a, b) -> list[str]:
     """How two scores.parquet frames differ: same heads in the same order, every score
-    column equal within 1e-9 and NaN exactly where the other is NaN. [] if they agree."""
+    column exactly equal (not within a tolerance: a resumed or cached rerun must write
+    the same bytes) and NaN exactly where the other is NaN. [] if they agree."""
     import math
 
     out = []
@@ -509,7 +517,7 @@ def score_differences(a, b) -> list[str]:
         return [f"heads differ: {keys_a} vs {keys_b}"]
     for col in SCORE_COLUMNS:
         for key, x, y in zip(keys_a, a[col], b[col], strict=True):
-            if math.isnan(x) != math.isnan(y) or (not math.isnan(x) and abs(x - y) > 1e-9):
+            if math.isnan(x) != math.isnan(y) or (not math.isnan(x) and x != y):
                 out.append(f"{col} of {key}: {x!r} vs {y!r}")
     return out
 

@@ -55,7 +55,9 @@ def test_slot_at_start_and_end(emb):
     assert max(res.slots[1], key=res.slots[1].get) == "4"
 
 
-def test_concurrent_scoring_batches_equal_single(emb):
+def test_concurrent_scoring_equals_single_bit_for_bit(emb):
+    """A prompt's numbers do not depend on what is scored beside it (issue 12: a cached
+    or resumed rerun must give byte-identical scores)."""
     prompts = ["2 4 6 8 10 12", "a b c d e", "Score: 7/10. Next score: 3"]
     offsets = [[2, 6], [8], [7, len(prompts[2]) - 1]]
     emb._cache, cache = None, emb._cache  # measure the model, not the cache
@@ -76,8 +78,7 @@ def test_concurrent_scoring_batches_equal_single(emb):
     for a, b in zip(single, batched, strict=True):
         for sa, sb in zip(a.slots, b.slots, strict=True):
             assert sa.keys() == sb.keys()
-            for k in sa:
-                assert sa[k] == pytest.approx(sb[k], abs=1e-3)
+            assert sa == sb  # exactly, not approximately
 
 
 def test_cache_hit_makes_no_request(emb):
@@ -90,3 +91,31 @@ def test_cache_hit_makes_no_request(emb):
     assert (a.cached, b.cached, s1.cached, s2.cached) == (False, True, False, True)
     assert b.text == a.text and s2.slots == s1.slots
     assert emb.stats.requests == before + 2 and emb.stats.cache_hits >= 2
+
+
+def test_shared_prefix_reuses_its_kv_cache_and_stays_deterministic(emb):
+    """A prompt that starts with a shared prefix is scored from the prefix's KV cache:
+    the same numbers as a full pass up to float rounding, and the same bits every time."""
+    from head_explain import prompts, simulate
+    from head_explain.llm.embedded import engine
+
+    tpl = prompts.load(simulate.ECHO_PROMPT)
+    prefix = tpl.text.split("$explanation")[0].rstrip()
+    prompt, slots = simulate.build_echo_prompt(tpl, "attends to commas.", ["a", ",", " b"])
+    emb._cache, cache = None, emb._cache
+    try:
+        eng = engine()
+        eng.prefixes.clear()
+        full = asyncio.run(emb.score_prompt(prompt, slots, DIGITS))
+        asyncio.run(emb.share_prefix(prefix))
+        assert len(eng.prefixes) == 1
+        ids, _ = eng.encode_slots(prompt, slots)
+        assert eng._prefix_of(ids, [len(ids) - 1]) is not None  # the prompt uses it
+        a = asyncio.run(emb.score_prompt(prompt, slots, DIGITS))
+        b = asyncio.run(emb.score_prompt(prompt, slots, DIGITS))
+    finally:
+        emb._cache = cache
+    assert a.slots == b.slots  # deterministic, bit for bit
+    for sf, sa in zip(full.slots, a.slots, strict=True):
+        assert sf.keys() == sa.keys()
+        assert max(abs(sf[k] - sa[k]) for k in sf) < 1e-3

@@ -6,6 +6,7 @@ Fakes live only here; the embedded and llama.cpp tests use real models and serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import pytest
 
 from head_explain.errors import ConfigError, LLMError
 from head_explain.llm import pricing
-from head_explain.llm.base import LLMStats
+from head_explain.llm.base import label_calls
 from head_explain.llm.cache import LLMCache, cache_key, open_cache, resolve_path
 from head_explain.llm.openai_backend import (
     OpenAIBackend,
@@ -30,7 +31,7 @@ from head_explain.llm.openai_backend import (
     echo_alignment,
     read_slots,
     redact,
-    with_retries,
+    redact_url,
 )
 
 KEY = "sk-test-0123456789abcdefSECRETSECRET9876543210"
@@ -184,20 +185,121 @@ def test_backoff_bounds():
     assert backoff_s(1, 3600, rng) <= 120 * 1.1  # a huge Retry-After is capped
 
 
-def test_with_retries_plain():
-    stats = LLMStats()
-    n = {"i": 0}
+def test_non_transient_error_is_one_line_and_not_retried():
+    s = Script((404, JSON, {"error": {"message": "no such model"}}))
+    b = backend(s, retries=5)
+    with pytest.raises(LLMError, match=r"chat \(model 'm' at http://fake.local/v1\) failed: "):
+        chat(b)
+    assert len(s.calls) == 1 and b.stats.retries == 0
 
-    async def call():
-        n["i"] += 1
-        raise ValueError("not transient")
 
-    async def nosleep(_):
-        pass
+def _bad_then(*texts):
+    return Script(*[(200, JSON, chat_body(t)) for t in texts])
 
-    with pytest.raises(LLMError, match="x failed: ValueError"):
-        asyncio.run(with_retries(call, max_retries=5, stats=stats, what="x", sleep=nosleep))
-    assert n["i"] == 1 and stats.retries == 0
+
+def _no_bad(res):
+    if res.text.startswith("bad"):
+        raise ValueError(f"unusable {res.text!r}")
+
+
+def test_unusable_reply_is_retried_once_with_a_varied_request(tmp_path):
+    s = _bad_then("bad one", "good")
+    b = backend(s, retries=3, cache=LLMCache(tmp_path / "c.sqlite"))
+    res = chat(b, validate=_no_bad)
+    assert res.text == "good" and len(s.calls) == 2
+    first, second = (json.loads(c.content) for c in s.calls)
+    assert first["temperature"] == 0 and "seed" not in first
+    assert second["temperature"] == 0.7 and second["seed"] == 1  # varied, not the same again
+    assert (b.stats.retries, b.stats.unusable_retries, b.stats.failures) == (1, 1, 0)
+    assert chat(b, validate=_no_bad).cached  # cached under the original request's key
+    # still unusable after its one retry: 2 requests, not max_retries + 1 = 4
+    s2 = _bad_then("bad", "bad again")
+    b2 = backend(s2, retries=3)
+    with pytest.raises(LLMError, match="unusable reply after 2 tries: unusable 'bad again'"):
+        chat(b2, validate=_no_bad)
+    assert len(s2.calls) == 2 and b2.stats.unusable_retries == 1
+
+
+def test_json_schema_is_sent_and_falls_back_where_rejected(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    schema = {"type": "object", "properties": {"1": {"type": "integer"}}, "required": ["1"]}
+    rejected = (422, JSON, {"detail": [{"loc": ["body", "response_format", "type"]}]})
+    s = Script(rejected, (200, JSON, chat_body('{"1": 3}')))
+    b = backend(s)
+    assert chat(b, json_schema=schema).text == '{"1": 3}'
+    sent = [json.loads(c.content).get("response_format") for c in s.calls]
+    assert sent[0] == {"type": "json_object", "schema": schema}  # llama.cpp's form first
+    assert sent[1]["type"] == "json_schema" and sent[1]["json_schema"]["schema"] == schema
+    assert b.stats.retries == 0  # a rejected form is not a retry
+    s.answers = [(200, JSON, chat_body('{"1": 4}'))]
+    chat(b, json_schema=schema, top_logprobs=1)
+    assert json.loads(s.calls[-1].content)["response_format"]["type"] == "json_schema"
+    # an endpoint that takes neither form gets free text (the validator still checks)
+    s3 = Script(rejected, rejected, (200, JSON, chat_body("[3]")))
+    b3 = backend(s3)
+    assert chat(b3, json_schema=schema).text == "[3]"
+    assert "response_format" not in json.loads(s3.calls[-1].content)
+    # OpenAI's API: Structured Outputs only
+    s4 = Script((200, JSON, chat_body('{"1": 1}')))
+    chat(backend(s4, url="https://api.openai.com/v1"), json_schema=schema)
+    fmt = json.loads(s4.calls[0].content)["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+
+
+def test_adaptive_limit_halves_on_429_and_regrows():
+    from head_explain.llm.policy import AdaptiveLimit
+
+    async def scenario():
+        lim = AdaptiveLimit(8)
+        peak = {"now": 0, "max": 0}
+
+        async def one():
+            async with lim:
+                peak["now"] += 1
+                peak["max"] = max(peak["max"], peak["now"])
+                await asyncio.sleep(0.001)
+                peak["now"] -= 1
+                lim.succeeded()
+
+        await asyncio.gather(*(one() for _ in range(40)))
+        assert peak["max"] == 8
+        lim.throttled()
+        lim.throttled()  # the same overload answering many requests: one cut
+        assert int(lim.limit) == 4 and lim.lowest == 4
+        peak["max"] = 0
+        await asyncio.gather(*(one() for _ in range(4)))
+        assert peak["max"] <= 4
+        for _ in range(200):
+            async with lim:
+                lim.succeeded()
+        assert lim.limit == 8  # regrown to the configured concurrency
+
+    asyncio.run(scenario())
+
+
+def test_max_cost_stops_before_the_request_that_would_exceed_it(monkeypatch, tmp_path):
+    from head_explain.llm.base import CostLimitReached
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    s = Script((200, JSON, chat_body(pt=1000, ct=100)))
+    b = backend(s, url="https://api.openai.com/v1", model="gpt-4o-mini",
+                cache=LLMCache(tmp_path / "c.sqlite"))  # fmt: skip
+    # one reply costs (1000 * 0.15 + 100 * 0.6) / 1e6 = $0.00021; the next request's
+    # estimate (4 prompt + 5 max_tokens tokens) would not fit under $0.000212
+    b.max_cost_usd = 0.000212
+    chat(b)
+    with pytest.raises(CostLimitReached, match="max_cost_usd=0.000212 reached"):
+        asyncio.run(b.chat([{"role": "user", "content": "other"}], max_tokens=5))
+    assert len(s.calls) == 1 and b.cost_limited  # refused unsent
+    assert chat(b).cached  # what was paid for stays usable
+
+
+def test_429_lowers_concurrency_and_is_counted(monkeypatch):
+    s = Script((429, JSON, {"error": {"message": "slow"}}), (200, JSON, chat_body()))
+    b = backend(s, retries=2)
+    b._concurrency = 8
+    chat(b)
+    assert b.stats.throttled == 1 and b.stats.retries == 1
 
 
 # --- the key ----------------------------------------------------------------------------
@@ -217,6 +319,82 @@ def test_key_never_in_errors_or_logs(monkeypatch, caplog):
     assert KEY not in text and KEY[:12] not in text and KEY[-12:] not in text
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert "sk-" not in redact(f"token sk-{'x' * 30}")
+
+
+def test_url_credentials_never_printed(monkeypatch, caplog):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    secret, token = "sk-userinfo0123456789abcdef", "qs0123456789SECRET"
+    url = f"http://alice:{secret}@fake.local/v1?api_key={token}&x=1"
+    s = Script((503, JSON, {"error": {"message": f"echo {url}"}}))
+    b = backend(s, url=url, retries=1)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(LLMError) as info:
+        chat(b)
+    text = str(info.value) + caplog.text + json.dumps(b.calls)
+    assert "fake.local/v1" in str(info.value)
+    for bad in (secret, token, "alice"):
+        assert bad not in text, bad
+    assert redact_url(url) == "http://fake.local/v1?api_key=***&x=1"
+
+
+def test_echoed_key_is_not_stored(tmp_path, monkeypatch):
+    """A server that echoes the Authorization header: the key reaches no reply text,
+    no raw response and no cache row."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    body = chat_body(f"you sent Authorization: Bearer {KEY}")
+    body["echo"] = {"headers": {"authorization": f"Bearer {KEY}"}}
+    cache = LLMCache(tmp_path / "c.sqlite")
+    b = backend(Script((200, JSON, body)), cache=cache)
+    res = chat(b)
+    assert KEY not in res.text and "***" in res.text and KEY not in json.dumps(res.raw)
+    rows = sqlite3.connect(tmp_path / "c.sqlite").execute("SELECT value FROM responses").fetchall()
+    assert rows and all(KEY not in v and KEY[:12] not in v for (v,) in rows)
+
+
+def test_call_records(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    s = Script((200, JSON, chat_body(pt=100, ct=10)), (400, JSON, {"error": {"message": "no"}}))
+    b = backend(s, url="https://api.openai.com/v1", model="gpt-4o-mini",
+                cache=LLMCache(tmp_path / "c.sqlite"))  # fmt: skip
+    b.role = "explainer"
+
+    async def calls():
+        async def head(name, msg):
+            label_calls(head=name)
+            with contextlib.suppress(LLMError):
+                await b.chat([{"role": "user", "content": msg}], max_tokens=5)
+
+        await head("L0H1", "a")
+        await asyncio.gather(head("L0H2", "a"), head("L0H3", "b"))
+
+    asyncio.run(calls())
+    recs = {r["head"]: r for r in b.calls}
+    assert set(recs) == {"L0H1", "L0H2", "L0H3"}
+    keys = {"head", "role", "model", "op", "prompt_tokens", "completion_tokens", "latency_s",
+            "cost_usd", "cached", "start_time", "error"}  # fmt: skip
+    assert all(set(r) == keys for r in b.calls)
+    first = recs["L0H1"]
+    assert (first["op"], first["role"], first["model"]) == ("chat", "explainer", "gpt-4o-mini")
+    assert (first["prompt_tokens"], first["completion_tokens"], first["cached"]) == (100, 10, False)
+    assert first["cost_usd"] == pytest.approx((100 * 0.15 + 10 * 0.6) / 1e6)
+    assert recs["L0H2"]["cached"] and recs["L0H2"]["cost_usd"] == 0  # same request: a hit
+    assert "400" in recs["L0H3"]["error"] and recs["L0H3"]["start_time"] > 1.7e9
+
+
+def test_chat_expected_values_reads_values_not_keys():
+    from head_explain.llm.base import TokenLogprob
+    from head_explain.simulate import chat_expected_values, parse_chat_values, values_schema
+
+    text = '{"1": 0, "2": 7}'
+    toks = ['{"', "1", '":', " 0", ",", ' "', "2", '":', " 7", "}"]
+    tops = {" 0": {"0": -0.1, "1": -2.4}, " 7": {"7": -0.01, "8": -5.0}}
+    lps = [TokenLogprob(t, -0.1, tops.get(t, {"9": -0.1})) for t in toks]  # keys say 9
+    ev = chat_expected_values(lps, 2, text)
+    assert ev is not None and ev[0] < 0.2 and 6.9 < ev[1] < 7.1
+    assert list(parse_chat_values(text, 2)) == [0, 7]
+    assert list(parse_chat_values('{"2": 7, "1": 0}', 2)) == [0, 7]  # keys in any order
+    schema = values_schema(2)
+    assert schema["required"] == ["1", "2"] and schema["properties"]["1"]["enum"][-1] == 10
 
 
 # --- echo parsing -------------------------------------------------------------------------

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag.replace('_', '-')}", action="store_true",
                        help=f"Reuse the existing {'/'.join(SKIPS[flag])} artifacts.")  # fmt: skip
     p.add_argument("--until", choices=STAGES, help="Stop after this stage.")
+    p.add_argument("--plan", action="store_true",
+                   help="Print the LLM requests, tokens and USD explain + simulate would "
+                        "spend (cache hits subtracted), send nothing, and exit.")  # fmt: skip
     p.add_argument("--verbose", "-v", action="store_true", help="Debug logging.")
     return p
 
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_mod.load_params(args.params, overrides)
         else:
             cfg = config_mod.build(overrides)
+        if args.plan:
+            from head_explain.runners import plan
+
+            plan.run(cfg)
+            return 0
         from head_explain import pipeline  # after parsing: --help stays fast
 
         times = pipeline.run(cfg, skipped, args.until)

@@ -149,6 +149,11 @@ class Config:
         "SQLite file caching LLM responses; empty: ~/.cache/head-explain/llm_cache.sqlite;"
         " off: no cache.",
     )
+    max_cost_usd: float = _f(
+        0.0,
+        "Stop an LLM stage cleanly before a request would take its spend past this many "
+        "USD (finished work is kept; rerun with a higher limit to continue); 0: no limit.",
+    )
     explain_max_tokens: int = _f(60, "Token limit of one explanation.")
     explain_prompt: str = _f(
         "explain_v2",
@@ -299,6 +304,10 @@ def validate(cfg: Config) -> None:
     for name in ("model", "outdir", "mlflow_experiment", "embedding_model", "openai_model"):
         if not str(getattr(cfg, name)).strip():
             raise ConfigError(f"key '{name}': empty; {doc(name)}")
+    if not cfg.max_cost_usd >= 0 or cfg.max_cost_usd == float("inf"):  # NaN fails too
+        raise ConfigError(
+            f"key 'max_cost_usd': {cfg.max_cost_usd} must be a number >= 0 (0: no limit)"
+        )
     if not 0 <= cfg.max_failed_fraction <= 1:
         raise ConfigError(
             f"key 'max_failed_fraction': {cfg.max_failed_fraction} must be between 0 and 1"

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from head_explain.heads import head_name
+from head_explain.llm.base import label_calls
 from head_explain.prompts import PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ async def explain_all(
     groups = [(k, g) for k, g in events.groupby(["layer", "head"], sort=True) if k not in skip]
 
     async def one(key, grp):
+        label_calls(head=head_name(int(key[0]), int(key[1])))  # for the call records
         ev = (evidence or {}).get((int(key[0]), int(key[1])))
         row = await explain_head(backend, template, int(key[0]), int(key[1]), grp, max_tokens, ev)
         on_row(row)

@@ -102,6 +102,9 @@ PLOTS: dict[str, tuple[str, list[str], str, str]] = {
 # Outputs DVC keeps out of its cache (small, rewritten every run, or read by DVC itself;
 # the plot data is committed to git with metrics.json so `dvc plots diff` sees it).
 UNCACHED: dict[str, list[str]] = {
+    # per-call records (timings differ on every run): for traces, not for reuse
+    "explain": ["llm_calls/explain.jsonl"],
+    "simulate": ["llm_calls/simulate.jsonl"],
     "report": [
         "plots/score_map.png", "plots/score_hist.png",
         *[f"{PLOT_DATA}/{name}" for name in PLOTS],

@@ -7,8 +7,10 @@ The simulator reads an explanation and predicts every token's activation. Two me
   read in a single scoring pass and their expected value is the prediction. Digits 0-9
   are used because they are single tokens in every tokenizer (so one pass is exact);
   the correlation score does not depend on the scale.
-- chat: for chat-only endpoints; the model replies with a JSON array of values, and
-  where top log-probs come back, each value is their expected value.
+- chat: for chat-only endpoints; the model replies with a JSON object mapping each
+  token's number to a value 0-10, constrained by a JSON schema (one required integer
+  per token) where the endpoint supports it, so it cannot miscount; where top
+  log-probs come back, each value is their expected value.
 
 Score = Pearson correlation between simulated and true activations over all tokens of
 all scoring excerpts pooled (OpenAI's ev_correlation_score); also on top-only and
@@ -31,7 +33,7 @@ from head_explain.explain import show_token
 from head_explain.prompts import PromptTemplate
 
 ECHO_PROMPT = "simulate_echo_v1"
-CHAT_PROMPT = "simulate_chat_v1"
+CHAT_PROMPT = "simulate_chat_v2"
 ECHO_VALUES = [str(i) for i in range(10)]
 PLACEHOLDER = "unknown"
 NO_BASELINE = "no baseline: no other explained head to borrow an explanation from"
@@ -84,34 +86,87 @@ def build_chat_messages(
     return template.messages(explanation=explanation, numbered=numbered, n=len(tokens))
 
 
-def parse_chat_values(text: str, n: int) -> np.ndarray:
-    """The first JSON array of `n` numbers in 0-10 in the reply; ValueError otherwise."""
-    match = re.search(r"\[[^\[\]]*\]", text, flags=re.S)
-    if not match:
-        raise ValueError("reply has no JSON array")
-    try:
-        values = json.loads(match.group(0))
-    except json.JSONDecodeError:
-        raise ValueError("reply's array is not valid JSON") from None
-    if len(values) != n:
-        raise ValueError(f"reply has {len(values)} values for {n} tokens")
-    arr = np.array([float(v) if isinstance(v, int | float) else np.nan for v in values])
+def values_schema(n: int) -> dict[str, Any]:
+    """JSON schema of a chat simulation reply: {"1": v1, ..., "n": vn}, every vi a
+    required integer 0-10 (an enum: the form every constrained decoder supports)."""
+    value = {"type": "integer", "enum": list(range(11))}
+    keys = [str(i) for i in range(1, n + 1)]
+    return {
+        "type": "object",
+        "properties": {k: value for k in keys},
+        "required": keys,
+        "additionalProperties": False,
+    }
+
+
+_OBJECT_VALUE = re.compile(r'"\s*(\d+)\s*"\s*:\s*(-?\d+(?:\.\d+)?)')
+
+
+def chat_value_spans(text: str, n: int) -> list[tuple[int, float]]:
+    """(character offset, value) of each of the `n` values in a reply: a JSON object
+    {"1": v, ..., "n": v} (keys in any order) or, from free text, a JSON array.
+    ValueError when the reply has not exactly `n` numbers in 0-10."""
+    start = text.find("{")
+    if start >= 0:
+        end = text.find("}", start)
+        body = text[start : end + 1 if end >= 0 else len(text)]
+        found = {int(m.group(1)): (start + m.start(2), float(m.group(2)))
+                 for m in _OBJECT_VALUE.finditer(body)}  # fmt: skip
+        if not found:
+            raise ValueError("reply's object has no numbered values")
+        if sorted(found) != list(range(1, n + 1)):
+            raise ValueError(f"reply has values for {len(found)} token numbers, not 1..{n}")
+        spans = [found[i] for i in range(1, n + 1)]
+    else:
+        match = re.search(r"\[[^\[\]]*\]", text, flags=re.S)
+        if not match:
+            raise ValueError("reply has no JSON object or array")
+        try:
+            values = json.loads(match.group(0))
+        except json.JSONDecodeError:
+            raise ValueError("reply's array is not valid JSON") from None
+        if len(values) != n:
+            raise ValueError(f"reply has {len(values)} values for {n} tokens")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise ValueError("reply has values that are not numbers in 0-10")
+        nums = list(re.finditer(r"-?\d+(?:\.\d+)?", match.group(0)))
+        spans = [(match.start() + m.start(), float(v)) for m, v in zip(nums, values, strict=False)]
+    arr = np.array([v for _, v in spans])
     if np.isnan(arr).any() or (arr < 0).any() or (arr > 10).any():
         raise ValueError("reply has values that are not numbers in 0-10")
-    return arr
+    return spans
 
 
-def chat_expected_values(logprobs, n: int) -> np.ndarray | None:
-    """Expected values from the top log-probs of the generated number tokens, if they line up."""
+def parse_chat_values(text: str, n: int) -> np.ndarray:
+    """The `n` values 0-10 of a reply (see chat_value_spans); ValueError otherwise."""
+    return np.array([v for _, v in chat_value_spans(text, n)])
+
+
+def chat_expected_values(logprobs, n: int, text: str = "") -> np.ndarray | None:
+    """Expected values from the top log-probs of the tokens that start each value in
+    the reply (found by character offset, so digits in keys are never mistaken for
+    values); None where the tokens do not spell the text or a value has no top list."""
     if not logprobs:
         return None
-    number_tokens = [lp for lp in logprobs if lp.token.strip().isdigit()]
-    if len(number_tokens) != n:
+    if not text:
+        text = "".join(lp.token for lp in logprobs)
+    if "".join(lp.token for lp in logprobs) != text:
+        return None
+    try:
+        spans = chat_value_spans(text, n)
+    except ValueError:
+        return None
+    starts: dict[int, Any] = {}
+    pos = 0
+    for lp in logprobs:  # a value's token may carry leading whitespace (" 5")
+        body = lp.token.lstrip()
+        starts[pos + len(lp.token) - len(body)] = lp
+        pos += len(lp.token)
+    chosen = [starts.get(off) for off, _ in spans]
+    if any(c is None for c in chosen):
         return None
     values = [str(i) for i in range(11)]
-    out = expected_values(
-        [{k.strip(): v for k, v in lp.top.items()} for lp in number_tokens], values
-    )
+    out = expected_values([{k.strip(): v for k, v in c.top.items()} for c in chosen], values)
     return None if np.isnan(out).any() else out
 
 
@@ -130,8 +185,9 @@ def correlation(pred: np.ndarray, true: np.ndarray) -> float:
 def chat_values(res, n: int) -> np.ndarray:
     """A chat reply's `n` values (log-prob expectation, else the JSON array); ValueError
     when it has neither (wrong shape, count or range): the backend then retries."""
-    ev = chat_expected_values(res.logprobs, n)
-    return ev if ev is not None else parse_chat_values(res.text, n)
+    values = parse_chat_values(res.text, n)  # the reply itself must be well formed
+    ev = chat_expected_values(res.logprobs, n, res.text)
+    return ev if ev is not None else values
 
 
 def check_echo_slots(res, n: int) -> None:
@@ -152,6 +208,9 @@ async def simulate_excerpt(
 ) -> np.ndarray:
     """Predicted activation per token (NaN where a slot could not be read)."""
     if method == "echo":
+        # the instructions and few-shot example before the explanation are the same in
+        # every prompt: an in-process backend computes them once
+        await backend.share_prefix(template.text.split("$explanation")[0].rstrip())
         prompt, slots = build_echo_prompt(template, explanation, tokens)
         res = await backend.score_prompt(
             prompt, slots, ECHO_VALUES, validate=lambda r: check_echo_slots(r, len(slots))
@@ -159,9 +218,10 @@ async def simulate_excerpt(
         return expected_values(res.slots, ECHO_VALUES)
     res = await backend.chat(
         build_chat_messages(template, explanation, tokens),
-        max_tokens=4 * len(tokens) + 16,
+        max_tokens=8 * len(tokens) + 16,  # '"12": 10, ' is up to 8 tokens
         top_logprobs=5,
         validate=lambda r: chat_values(r, len(tokens)),
+        json_schema=values_schema(len(tokens)),
     )
     return chat_values(res, len(tokens))
 

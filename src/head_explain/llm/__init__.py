@@ -11,7 +11,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from head_explain.errors import ConfigError, LLMError
-from head_explain.llm.base import ChatResult, LLMBackend, LLMStats, ScoreResult, TokenLogprob
+from head_explain.llm.base import (
+    ChatResult,
+    LLMBackend,
+    LLMStats,
+    ScoreResult,
+    TokenLogprob,
+    label_calls,
+)
 from head_explain.llm.cache import LLMCache, cache_key, open_cache
 
 if TYPE_CHECKING:
@@ -31,6 +38,8 @@ __all__ = [
     "TokenLogprob",
     "cache_key",
     "check_ready",
+    "identity_for",
+    "label_calls",
     "make_backend",
     "model_for",
 ]
@@ -49,8 +58,30 @@ def model_for(cfg: Config, role: str) -> str:
     return cfg.openai_model
 
 
+def identity_for(cfg: Config, role: str) -> dict:
+    """The backend identity part of `role`'s cache keys, without building a backend
+    (no key needed, nothing sent): what make_backend(cfg, role).identity() returns."""
+    if cfg.llm == "embedded":
+        from head_explain.llm.embedded import MODEL_NAME
+        from head_explain.models import bundled_gguf
+
+        return {"kind": "embedded", "model": MODEL_NAME, "base_url": "",
+                "weights": bundled_gguf().stat().st_size}  # fmt: skip
+    from head_explain.llm.openai_backend import resolve_base_url
+
+    return {"kind": "openai", "model": model_for(cfg, role),
+            "base_url": resolve_base_url(cfg.openai_base_url)[0]}  # fmt: skip
+
+
 def make_backend(cfg: Config, role: str) -> LLMBackend:
     """A backend for `role` ("explainer" or "simulator"); close it with `aclose()`."""
+    backend = _make_backend(cfg, role)
+    backend.role = role
+    backend.max_cost_usd = float(getattr(cfg, "max_cost_usd", 0.0) or 0.0)
+    return backend
+
+
+def _make_backend(cfg: Config, role: str) -> LLMBackend:
     model = model_for(cfg, role)
     if cfg.llm not in ("embedded", "openai"):
         raise ConfigError(f"key 'llm': {cfg.llm!r} is not one of embedded, openai")
@@ -93,10 +124,14 @@ def check_ready(cfg: Config) -> None:
         raise ConfigError(f"key 'llm': {cfg.llm!r} is not one of embedded, openai")
     from head_explain.llm.openai_backend import (
         api_key_for,
+        client_url,
+        install_log_filter,
         missing_key_message,
         one_line,
         redact,
+        redact_url,
         resolve_base_url,
+        url_secrets,
     )
 
     url, source = resolve_base_url(cfg.openai_base_url)
@@ -107,13 +142,19 @@ def check_ready(cfg: Config) -> None:
     import httpx
 
     timeout = min(READY_TIMEOUT_S, cfg.llm_timeout_s)
-    named = f"{source} '{url}'" if source != "default" else f"OpenAI's API '{url}'"
+    shown = redact_url(url)  # a base URL may carry credentials: never print them
+    named = f"{source} '{shown}'" if source != "default" else f"OpenAI's API '{shown}'"
     try:
+        base, query, _ = client_url(url)
+        install_log_filter()
         resp = httpx.get(
-            f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout
+            f"{base}/models",
+            params=query,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=timeout,
         )
     except httpx.HTTPError as exc:
-        why = one_line(redact(f"{type(exc).__name__}: {exc}", key), 160)
+        why = one_line(redact(f"{type(exc).__name__}: {exc}", key, url_secrets(url)), 160)
         raise LLMError(
             f"{named} does not answer within {timeout:g}s ({why}); start the server, fix "
             "the URL, or run offline with `--llm embedded`"
@@ -122,7 +163,7 @@ def check_ready(cfg: Config) -> None:
         raise LLMError(
             f"{named} rejected the API key (HTTP {resp.status_code}); check OPENAI_API_KEY"
         )
-    log.info("LLM endpoint %s answers (HTTP %d)", url, resp.status_code)
+    log.info("LLM endpoint %s answers (HTTP %d)", shown, resp.status_code)
 
 
 def _check_cache(cfg: Config) -> None:

@@ -7,10 +7,11 @@ where the endpoint can score prompts). The base class owns what must not differ
 between backends: the response cache, the statistics, the validation of inputs, and
 the validation of replies: a caller's `validate` rejects an unusable reply (empty,
 wrong shape, out of range) by raising ValueError; such a reply is not cached as an
-answer and the call is retried within the same retry budget as transient errors
-(`RetryBudget`). When the budget runs out on a rejected reply (not on a transport
-error), that reply is remembered in the cache as unusable, with the reason: a later
-call with the same key fails at once without a request (see llm/cache.py for why).
+answer and the call is retried once, varied (llm/policy.py: one retry policy for
+transient errors and unusable replies, at most `max_retries + 1` requests per call).
+When the retries end on a rejected reply (not on a transport error), that reply is
+remembered in the cache as unusable, with the reason: a later call with the same key
+fails at once without a request (see llm/cache.py for why).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import asyncio
 import json
 import logging
 import math
-import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -27,14 +27,14 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+import tenacity
+
 from head_explain.errors import LLMError
 from head_explain.llm.cache import LLMCache, cache_key
+from head_explain.llm.policy import VARIED, AdaptiveLimit, Unusable, backoff_s, retry_policy
 
 log = logging.getLogger(__name__)
-
-BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 30.0
-RETRY_AFTER_CAP_S = 120.0
+__all__ = ["backoff_s"]  # re-exported: tests and backends import it from here
 
 R = TypeVar("R")
 
@@ -111,7 +111,9 @@ class LLMStats:
 
     requests: int = 0  # requests sent (a retried request counts once)
     cache_hits: int = 0
-    retries: int = 0  # extra attempts after a transient error
+    retries: int = 0  # extra attempts (after a transient error or an unusable reply)
+    unusable_retries: int = 0  # of those, retries of an unusable reply (varied request)
+    throttled: int = 0  # 429 answers (each halves the concurrency, see policy.py)
     failures: int = 0  # requests that finally failed
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -128,38 +130,48 @@ def logsumexp(values: list[float]) -> float:
     return m + math.log(sum(math.exp(v - m) for v in values))
 
 
-def backoff_s(attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float:
-    """Delay before retry number `attempt` (1-based): full-jitter exponential backoff,
-    but never shorter than the server's Retry-After (plus up to 10% jitter)."""
-    rng = rng or random
-    exp = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-    delay = exp * (0.5 + 0.5 * rng.random())
-    if retry_after is not None:
-        wait = min(retry_after, RETRY_AFTER_CAP_S)
-        delay = max(delay, wait * (1 + 0.1 * rng.random()))
-    return delay
+# What the caller is working on (e.g. {"head": "L3H1"}), copied into each call record.
+# A ContextVar so that concurrent heads, each in its own task, label their own calls.
+_LABEL: ContextVar[dict[str, Any] | None] = ContextVar("head_explain_llm_label", default=None)
+
+# The spend of the logical call this task serves, for its record (concurrency-safe).
+_SPENT: ContextVar[list[float] | None] = ContextVar("head_explain_llm_spent", default=None)
 
 
-@dataclass
-class RetryBudget:
-    """The retries one logical call may still spend, shared by every layer that retries
-    it (transport errors in a backend, unusable replies here): a call costs at most
-    `total + 1` requests, whatever mix of faults it meets."""
-
-    total: int
-    used: int = 0
-
-    @property
-    def left(self) -> int:
-        return max(0, self.total - self.used)
+def label_calls(**labels: Any) -> None:
+    """Label every LLM call the current task makes from now on (see `LLMBackend.calls`)."""
+    _LABEL.set({**(_LABEL.get() or {}), **labels})
 
 
-_BUDGET: ContextVar[RetryBudget | None] = ContextVar("head_explain_llm_budget", default=None)
+def chat_payload(
+    messages: list[dict],
+    max_tokens: int,
+    temperature: float,
+    top_logprobs: int,
+    json_schema: dict | None = None,
+) -> dict[str, Any]:
+    """What determines a chat answer besides the backend (its cache key's request part;
+    plan.py builds the same to find cache hits before a run)."""
+    payload: dict[str, Any] = {
+        "op": "chat",
+        "messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in messages],
+        "max_tokens": int(max_tokens),
+        "temperature": float(temperature),
+        "top_logprobs": int(top_logprobs),
+    }
+    if json_schema is not None:  # only then: keys of unconstrained calls stay as they were
+        payload["json_schema"] = json_schema
+    return payload
 
 
-def current_budget() -> RetryBudget | None:
-    """The budget of the logical call this coroutine serves (None outside `chat`/`score`)."""
-    return _BUDGET.get()
+def score_payload(prompt: str, slot_offsets: list[int], candidates: list[str]) -> dict[str, Any]:
+    """The request part of a score_prompt cache key (see chat_payload)."""
+    return {
+        "op": "score",
+        "prompt": prompt,
+        "slot_offsets": [int(o) for o in slot_offsets],
+        "candidates": list(candidates),
+    }
 
 
 def check_slots(prompt: str, slot_offsets: list[int]) -> None:
@@ -168,21 +180,33 @@ def check_slots(prompt: str, slot_offsets: list[int]) -> None:
             raise ValueError(f"slot offset {off!r} is outside the prompt (0..{len(prompt)})")
 
 
+class CostLimitReached(LLMError):
+    """The next request would take the stage's spend past max_cost_usd: not sent."""
+
+
 class LLMBackend(ABC):
     """Cache + stats around a backend's `_chat` / `_score`; subclasses only talk."""
 
     kind: str = ""
     model: str = ""
-    # Retries of one call (transient errors and unusable replies together). 0 here: a
-    # local deterministic model gives the same unusable reply again; remote backends set it.
-    max_retries: int = 0
+    # Retries of one call (transient errors and unusable replies together; an unusable
+    # reply gets one of them, varied). 1 here: a local model has no transient errors.
+    max_retries: int = 1
 
     def __init__(self, model: str, cache: LLMCache | None, concurrency: int = 4):
         self.model = model
+        self.role = ""  # "explainer" | "simulator", set by make_backend
         self.stats = LLMStats()
+        # One record per logical call (cache hits included), for traces and audits:
+        # {head, role, model, op, prompt_tokens, completion_tokens, latency_s, cost_usd,
+        #  cached, start_time, error}; the runner adds the stage and writes them.
+        self.calls: list[dict[str, Any]] = []
         self._cache = cache
+        self.max_cost_usd = 0.0  # 0: no limit; set by make_backend from the config
+        self.cost_limited = False  # a request was refused for the limit
+        self._reserved = 0.0  # estimated cost of the requests in flight
         self._concurrency = max(1, int(concurrency))
-        self._sems: dict[int, asyncio.Semaphore] = {}
+        self._limits: dict[int, AdaptiveLimit] = {}
         self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep  # tests record delays
 
     # --- what subclasses provide --------------------------------------------------
@@ -190,14 +214,26 @@ class LLMBackend(ABC):
         """What, besides the request, determines an answer (part of every cache key)."""
         return {"kind": self.kind, "model": self.model, "base_url": ""}
 
+    async def share_prefix(self, text: str) -> None:
+        """A hint: many prompts will start with `text` (a backend may reuse its work)."""
+        return None  # remote endpoints cache prompt prefixes themselves, if at all
+
     @abstractmethod
     def supports_echo(self) -> bool:
         """Whether `score_prompt` works here."""
 
     @abstractmethod
     async def _chat(
-        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
-    ) -> ChatResult: ...
+        self,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        top_logprobs: int,
+        seed: int | None = None,
+        json_schema: dict | None = None,
+    ) -> ChatResult:
+        """One attempt, no retries (`_fetch` retries). `json_schema`: constrain the reply
+        to it where the endpoint can (ignored where it cannot; the validator still runs)."""
 
     @abstractmethod
     async def _score(
@@ -210,14 +246,35 @@ class LLMBackend(ABC):
             self._cache = None
 
     # --- shared machinery ------------------------------------------------------------
-    def semaphore(self) -> asyncio.Semaphore:
-        """One semaphore per event loop: a backend may outlive one `asyncio.run`."""
+    def limit(self) -> AdaptiveLimit:
+        """The in-flight limit of this event loop (a backend may outlive one `asyncio.run`):
+        hold it for one request, never across a retry's wait."""
         loop = asyncio.get_running_loop()
-        sem = self._sems.get(id(loop))
-        if sem is None:
-            self._sems = {id(loop): asyncio.Semaphore(self._concurrency)}
-            sem = self._sems[id(loop)]
-        return sem
+        lim = self._limits.get(id(loop))
+        if lim is None:
+            self._limits = {id(loop): AdaptiveLimit(self._concurrency)}
+            lim = self._limits[id(loop)]
+        return lim
+
+    # --- what remote backends refine: which errors are worth another try ---------------
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether `exc` (raised by one `_chat`/`_score` attempt) may pass on a retry."""
+        return False
+
+    def is_throttle(self, exc: BaseException) -> bool:
+        """Whether `exc` says "too many requests" (it lowers the concurrency)."""
+        return False
+
+    def retry_after(self, exc: BaseException) -> float | None:
+        """Seconds the server asked us to wait before the next try, if it said."""
+        return None
+
+    def describe(self, exc: BaseException) -> str:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    def price(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD of a request of that size (0 here: local models cost nothing)."""
+        return 0.0
 
     def _redact(self, text: str) -> str:
         """Text fit for logs and errors (backends holding a secret override this)."""
@@ -271,52 +328,105 @@ class LLMBackend(ABC):
     async def _fetch(
         self,
         op: str,
-        call: Callable[[], Awaitable[R]],
+        call: Callable[[bool], Awaitable[R]],
         account: Callable[[R], None],
         validate: Callable[[R], None] | None,
         key: str | None,
+        est_usd: float = 0.0,
     ) -> R:
-        """One logical call: request, account, validate, retry an unusable reply within
-        the shared budget, cache a usable reply. Every failure is one LLMError; when the
-        budget runs out on a rejected reply, that reply is cached as unusable (a verdict
-        only a fresh call reads: the retries here never consult the cache)."""
+        """One logical call under the retry policy (llm/policy.py): request, account,
+        validate; `call(varied)` makes one attempt, `varied` after an unusable reply.
+        Every failure is one LLMError; a reply still unusable after its one varied retry
+        is cached as unusable (a verdict only a fresh call reads), a usable one is cached."""
         self.stats.requests += 1
-        budget = RetryBudget(max(0, int(self.max_retries)))
-        token = _BUDGET.set(budget)
+        last_unusable: list[bool] = [False]
+
+        def on_retry(state: tenacity.RetryCallState, delay: float) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            self.stats.retries += 1
+            if isinstance(exc, Unusable):
+                self.stats.unusable_retries += 1
+                why = f"unusable reply ({' '.join(exc.why.split())}); retry with {VARIED}"
+            else:
+                why = self.describe(exc) if exc is not None else "?"
+            log.warning(
+                "%s",
+                self._redact(
+                    f"{op} (model '{self.model}'): {why}; retry {state.attempt_number}/"
+                    f"{self.max_retries} in {delay:.1f}s"
+                )[:400],
+            )
+
+        policy = retry_policy(
+            max_retries=self.max_retries, transient=self.is_transient,
+            retry_after=self.retry_after, on_retry=on_retry,
+        )  # fmt: skip
+        tries = 0
         try:
-            while True:
-                res = await call()  # transient errors are retried inside, same budget
-                account(res)  # an unusable reply was still paid for
-                why = self._unusable(validate, res)
-                if why is None:
-                    break
-                if budget.left <= 0:
-                    self._remember_unusable(key, res, why)
-                    raise LLMError(
-                        self._redact(
-                            f"{op} (model '{self.model}'): unusable reply after "
-                            f"{budget.used + 1} tries: {' '.join(why.split())}"
-                        )[:500]
-                    )
-                budget.used += 1
-                self.stats.retries += 1
-                delay = backoff_s(budget.used, None)
-                log.warning(
-                    "%s",
-                    self._redact(
-                        f"{op} (model '{self.model}'): unusable reply ({' '.join(why.split())}"
-                        f"); retry {budget.used}/{budget.total} in {delay:.1f}s"
-                    )[:400],
-                )
-                await self.sleep(delay)
-        except Exception:
+            async for attempt in tenacity.AsyncRetrying(sleep=self.sleep, **policy):
+                with attempt:
+                    tries = attempt.retry_state.attempt_number
+                    res = await self._attempt(call, last_unusable[0], est_usd)
+                    account(res)  # an unusable reply was still paid for
+                    why = self._unusable(validate, res)
+                    last_unusable[0] = why is not None
+                    if why is not None:
+                        raise Unusable(res, why)
+        except Unusable as exc:
+            self.stats.failures += 1
+            self._remember_unusable(key, exc.reply, exc.why)
+            raise LLMError(
+                self._redact(
+                    f"{op} (model '{self.model}'): unusable reply after {tries} tries: "
+                    f"{' '.join(exc.why.split())}"
+                )[:500]
+            ) from None
+        except LLMError:
             self.stats.failures += 1
             raise
-        finally:
-            _BUDGET.reset(token)
+        except Exception as exc:
+            self.stats.failures += 1
+            if isinstance(exc, CostLimitReached):
+                raise
+            tried = f" after {tries - 1} retries" if tries > 1 else ""
+            raise LLMError(
+                " ".join(self._redact(f"{self._what(op)} failed{tried}: {self.describe(exc)}")
+                         .split())[:300]
+            ) from None  # fmt: skip
         if key is not None and self._cache is not None:
             self._cache.put(key, res.to_json())  # type: ignore[attr-defined]
         return res
+
+    async def _attempt(
+        self, call: Callable[[bool], Awaitable[R]], varied: bool, est_usd: float = 0.0
+    ) -> R:
+        """One request holding one slot of the adaptive limit; a 429 lowers the limit.
+        Refused, unsent, when it could take the spend past max_cost_usd (what is spent
+        plus what the requests in flight may cost)."""
+        lim = self.limit()
+        async with lim:
+            limit = self.max_cost_usd
+            if limit > 0 and self.stats.cost_usd + self._reserved + est_usd > limit:
+                self.cost_limited = True
+                raise CostLimitReached(
+                    f"max_cost_usd={limit:g} reached: ${self.stats.cost_usd:.4f} spent, the next "
+                    f"request may cost ${est_usd:.4f}; not sent"
+                )
+            self._reserved += est_usd
+            try:
+                res = await call(varied)
+            except Exception as exc:
+                if self.is_throttle(exc):
+                    self.stats.throttled += 1
+                    lim.throttled()
+                raise
+            finally:
+                self._reserved -= est_usd
+            lim.succeeded()
+            return res
+
+    def _what(self, op: str) -> str:
+        return f"{op} (model '{self.model}')"
 
     def _remember_unusable(self, key: str | None, res: Any, why: str) -> None:
         """Store the last rejected reply as this key's verdict (redacted: it is kept for
@@ -331,6 +441,9 @@ class LLMBackend(ABC):
             log.warning("could not remember unusable reply %s: %s", key[:12], exc)
 
     def _account(self, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        spent = _SPENT.get()
+        if spent is not None:
+            spent[0] += cost
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         self.stats.cost_usd += cost
@@ -343,6 +456,7 @@ class LLMBackend(ABC):
         temperature: float = 0.0,
         top_logprobs: int = 0,
         validate: Callable[[ChatResult], None] | None = None,
+        json_schema: dict | None = None,
     ) -> ChatResult:
         """One chat completion; a cached answer comes back with cached=True.
 
@@ -351,29 +465,37 @@ class LLMBackend(ABC):
         ("unusable reply after N tries: <reason>") and the last reply is remembered as
         unusable, so the same call later raises LLMError("unusable reply (cached):
         <reason>") without a request. A cached usable reply it rejects is asked again.
+        `json_schema` constrains the reply where the endpoint supports it.
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-        payload = {
-            "op": "chat",
-            "messages": msgs,
-            "max_tokens": int(max_tokens),
-            "temperature": float(temperature),
-            "top_logprobs": int(top_logprobs),
-        }
-        key, hit = self._cached(
-            payload, lambda d: ChatResult.from_json(d, cached=True), validate, "chat"
-        )
-        if hit is not None:
-            return hit
-        return await self._fetch(
-            "chat",
-            lambda: self._chat(msgs, int(max_tokens), float(temperature), int(top_logprobs)),
-            lambda r: self._account(r.prompt_tokens, r.completion_tokens, r.cost_usd),
-            validate,
-            key,
-        )
+        payload = chat_payload(messages, max_tokens, temperature, top_logprobs, json_schema)
+        msgs = payload["messages"]
+
+        async def run() -> ChatResult:
+            key, hit = self._cached(
+                payload, lambda d: ChatResult.from_json(d, cached=True), validate, "chat"
+            )
+            if hit is not None:
+                return hit
+            return await self._fetch(
+                "chat",
+                lambda varied: self._chat(
+                    msgs,
+                    int(max_tokens),
+                    VARIED["temperature"] if varied else float(temperature),
+                    int(top_logprobs),
+                    VARIED["seed"] if varied else None,
+                    json_schema,
+                ),  # fmt: skip
+                lambda r: self._account(r.prompt_tokens, r.completion_tokens, r.cost_usd),
+                validate,
+                key,
+                # at most: chars/4 prompt tokens (+4 per message), max_tokens in reply
+                self.price(sum(len(m["content"]) // 4 + 4 for m in msgs), int(max_tokens)),
+            )
+
+        return await self._recorded("chat", run)
 
     async def score_prompt(
         self,
@@ -392,24 +514,51 @@ class LLMBackend(ABC):
         """
         slot_offsets = [int(o) for o in slot_offsets]
         check_slots(prompt, slot_offsets)
-        payload = {
-            "op": "score",
-            "prompt": prompt,
-            "slot_offsets": slot_offsets,
-            "candidates": list(candidates),
-        }
-        key, hit = self._cached(
-            payload, lambda d: ScoreResult.from_json(d, cached=True), validate, "score_prompt"
-        )
-        if hit is not None:
-            return hit
-        return await self._fetch(
-            "score_prompt",
-            lambda: self._score(prompt, slot_offsets, list(candidates)),
-            lambda r: self._account(r.prompt_tokens, 0, r.cost_usd),
-            validate,
-            key,
-        )
+        payload = score_payload(prompt, slot_offsets, candidates)
+
+        async def run() -> ScoreResult:
+            key, hit = self._cached(
+                payload, lambda d: ScoreResult.from_json(d, cached=True), validate, "score_prompt"
+            )
+            if hit is not None:
+                return hit
+            return await self._fetch(
+                "score_prompt",
+                lambda varied: self._score(prompt, slot_offsets, list(candidates)),
+                lambda r: self._account(r.prompt_tokens, 0, r.cost_usd),
+                validate,
+                key,
+                self.price(len(prompt) // 4 + 1, 1),
+            )
+
+        return await self._recorded("score", run)
+
+    async def _recorded(self, op: str, run: Callable[[], Awaitable[R]]) -> R:
+        """Run one logical call and append its record to `self.calls`, failed or not.
+        cost_usd is what this call spent now (0 for a cache hit); tokens are the reply's."""
+        start, t0 = time.time(), time.perf_counter()
+        spent = [0.0]
+        token = _SPENT.set(spent)
+        rec: dict[str, Any] = {
+            "head": (_LABEL.get() or {}).get("head"), "role": self.role, "model": self.model,
+            "op": op, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0,
+            "cost_usd": 0.0, "cached": False, "start_time": round(start, 3), "error": None,
+        }  # fmt: skip
+        try:
+            res = await run()
+        except Exception as exc:
+            rec["error"] = self._redact(f"{type(exc).__name__}: {exc}")[:300]
+            raise
+        else:
+            rec["cached"] = bool(getattr(res, "cached", False))
+            rec["prompt_tokens"] = int(getattr(res, "prompt_tokens", 0))
+            rec["completion_tokens"] = int(getattr(res, "completion_tokens", 0))
+            return res
+        finally:
+            _SPENT.reset(token)
+            rec["cost_usd"] = round(spent[0], 8)  # retried unusable replies were paid too
+            rec["latency_s"] = round(time.perf_counter() - t0, 4)
+            self.calls.append(rec)
 
 
 def elapsed(t0: float) -> float:

@@ -3,8 +3,8 @@
 Why in-process: the offline path must work on a bare CPU machine with nothing but the
 wheel's GGUF. Torch is not safe for concurrent forward passes on one model, so every
 forward pass holds one lock and runs in a worker thread (`asyncio.to_thread`), keeping
-the event loop free. Scoring requests that arrive while the model is busy are batched
-into one padded forward pass.
+the event loop free. Scoring requests that arrive while the model is busy are queued
+and run one prompt per forward pass (see `forward_logprobs` for why not padded).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from head_explain.llm.cache import LLMCache
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "smollm2-135m-instruct"
-MAX_SCORE_BATCH = 8  # prompts per scoring forward pass
-MAX_SCORE_BATCH_TOKENS = 8 * 1024  # padded tokens per scoring forward pass
+MAX_SCORE_BATCH = 8  # prompts per hold of the lock (one forward pass each)
+MAX_SCORE_BATCH_TOKENS = 8 * 1024  # tokens per hold of the lock
+MIN_PREFIX_TOKENS = 32  # a shorter shared prefix is not worth a KV copy
+MAX_PREFIXES = 4
 
 
 class _Engine:
@@ -45,11 +47,20 @@ class _Engine:
         pad = self.tok.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tok.eos_token_id)
         self.lock = threading.Lock()  # one forward pass at a time
+        # Shared prompt prefixes (token ids -> their KV cache), e.g. the simulation
+        # prompt's instructions and few-shot example: computed once, reused by every
+        # prompt that starts with exactly those tokens (see `share_prefix`).
+        self.prefixes: dict[tuple[int, ...], Any] = {}
         log.info("embedded LLM %s loaded in %.1fs", MODEL_NAME, time.perf_counter() - t0)
 
     # --- chat ----------------------------------------------------------------------
     def chat(
-        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
+        self,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        top_logprobs: int,
+        seed: int | None = None,
     ) -> dict[str, Any]:
         torch = self.torch
         # A trailing assistant message is a prefill the model continues (the reply is
@@ -70,6 +81,8 @@ class _Engine:
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         with self.lock, torch.inference_mode():
+            if temperature > 0:  # sampled: seeded, so a rerun gives the same reply
+                torch.manual_seed(0 if seed is None else seed)
             out = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -124,20 +137,54 @@ class _Engine:
                 found[c] = ids[0]
         return found
 
-    def forward_logprobs(self, batch: list[tuple[list[int], list[int]]]) -> list[Any]:
-        """For each (ids, positions): log_softmax rows at those positions, one pass."""
+    def share_prefix(self, text: str) -> None:
+        """Remember `text`'s KV cache: prompts whose tokens start with its tokens skip it.
+        Which prompts use it depends only on their text, so their numbers stay the same
+        on every run (they differ from a full pass only in float rounding, ~1e-6)."""
+        ids = tuple(self.tok.encode(text, add_special_tokens=False))
+        if len(ids) < MIN_PREFIX_TOKENS or ids in self.prefixes:
+            return
         torch = self.torch
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (ids, _) in enumerate(batch):  # right padding keeps real positions intact
-            input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[r, : len(ids)] = 1
         with self.lock, torch.inference_mode():
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)[0]
-            out = []
-            for r, (_, positions) in enumerate(batch):
-                h = hidden[r, positions]  # only the rows we need go through lm_head
+            if len(self.prefixes) >= MAX_PREFIXES:
+                self.prefixes.pop(next(iter(self.prefixes)))
+            out = self.model.base_model(input_ids=torch.tensor([ids]), use_cache=True)
+            self.prefixes[ids] = out.past_key_values
+
+    def _prefix_of(self, ids: list[int], positions: list[int]) -> tuple[int, ...] | None:
+        for p in self.prefixes:
+            n = len(p)
+            if len(ids) > n and tuple(ids[:n]) == p and min(positions) >= n:
+                return p
+        return None
+
+    def forward_logprobs(self, batch: list[tuple[list[int], list[int]]]) -> list[Any]:
+        """For each (ids, positions): log_softmax rows at those positions.
+
+        One forward pass per prompt, never a padded batch: a row's numbers must not
+        depend on what it was batched with (padding width and batch size change the
+        matrix shapes and so the order of float additions: ~1e-6 differences that made
+        a cached rerun or a resumed run differ from the first one). The queue still
+        takes the lock once per batch. A prompt that starts with a shared prefix runs
+        only its own tokens, on a copy of the prefix's KV cache.
+        """
+        import copy
+
+        torch = self.torch
+        out = []
+        with self.lock, torch.inference_mode():
+            for ids, positions in batch:
+                prefix = self._prefix_of(ids, positions)
+                if prefix is None:
+                    hidden = self.model.base_model(input_ids=torch.tensor([ids]))[0][0]
+                    rows = positions
+                else:
+                    kv = copy.deepcopy(self.prefixes[prefix])
+                    rest = torch.tensor([ids[len(prefix) :]])
+                    hidden = self.model.base_model(input_ids=rest, past_key_values=kv,
+                                                   use_cache=True)[0][0]  # fmt: skip
+                    rows = [q - len(prefix) for q in positions]
+                h = hidden[rows]  # only the rows we need go through lm_head
                 out.append(torch.log_softmax(self.model.lm_head(h).float(), dim=-1))
         return out
 
@@ -172,15 +219,27 @@ class EmbeddedBackend(LLMBackend):
     def supports_echo(self) -> bool:
         return True
 
+    async def share_prefix(self, text: str) -> None:
+        eng = await self._engine()
+        await asyncio.to_thread(eng.share_prefix, text)
+
     async def _engine(self) -> _Engine:
         return _ENGINE if _ENGINE is not None else await asyncio.to_thread(engine)
 
     async def _chat(
-        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
+        self,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        top_logprobs: int,
+        seed: int | None = None,
+        json_schema: dict | None = None,  # not enforced here; the validator checks
     ) -> ChatResult:
         eng = await self._engine()
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(eng.chat, messages, max_tokens, temperature, top_logprobs)
+        out = await asyncio.to_thread(
+            eng.chat, messages, max_tokens, temperature, top_logprobs, seed
+        )
         raw = {"model": MODEL_NAME, "text": out["text"], "token_ids": out["token_ids"]}
         return ChatResult(
             text=out["text"],

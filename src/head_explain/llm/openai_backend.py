@@ -1,10 +1,11 @@
 """OpenAI, or any server that speaks its API (llama.cpp, vLLM, ...), via the official client.
 
-Why our own retries (the client's are disabled): so that every retry is counted in
-the run's statistics, Retry-After is honoured with jitter, and a truncated or non-JSON
-body (a proxy hiccup) is retried like a 5xx instead of surfacing as a parse error.
-Transport retries and the base class's retries of unusable replies share one budget per
-call (`RetryBudget`): a call costs at most `max_retries + 1` requests.
+The client's own retries are off: every request goes through the one retry policy of
+llm/policy.py (tenacity), so that each retry is counted in the run's statistics,
+Retry-After is honoured with jitter, a truncated or non-JSON body (a proxy hiccup) is
+retried like a 5xx, and transport faults and unusable replies share one budget: a call
+costs at most `max_retries + 1` requests. This module only says which errors are
+transient (`is_retryable`) and how long the server asked us to wait (`retry_after_s`).
 The API key is passed to the client and nowhere else: every message we raise or log
 goes through `redact`.
 """
@@ -21,23 +22,21 @@ import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
+
+import tenacity
 
 from head_explain.errors import LLMError
 from head_explain.llm.base import (
     ChatResult,
     LLMBackend,
-    LLMStats,
-    RetryBudget,
     ScoreResult,
     TokenLogprob,
-    backoff_s,
-    current_budget,
     logsumexp,
 )
 from head_explain.llm.cache import LLMCache, cache_key
+from head_explain.llm.policy import backoff_s, retry_policy
 from head_explain.llm.pricing import cost_usd
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,7 @@ OPENAI_URL = "https://api.openai.com/v1"
 DUMMY_KEY = "not-needed"  # local servers ignore the key, but the client insists on one
 ECHO_LOGPROBS = 10  # top alternatives per prompt token (llama.cpp / vLLM accept 10+)
 ECHO_PROBE_PROMPT = "1 2 3 4 5"  # short: echo is slow on llama.cpp
-
-T = TypeVar("T")
+__all__ = ["backoff_s"]
 
 
 # --- endpoint and key -------------------------------------------------------------------
@@ -67,24 +65,89 @@ def is_openai_url(url: str) -> bool:
 
 
 def api_key_for(url: str) -> str | None:
-    """$OPENAI_API_KEY; a placeholder for third-party servers; None if OpenAI lacks one."""
-    key = os.environ.get("OPENAI_API_KEY", "").strip()
+    """$OPENAI_API_KEY, else a key given as the URL's password (http://user:KEY@host);
+    a placeholder for third-party servers; None if OpenAI lacks one."""
+    key = os.environ.get("OPENAI_API_KEY", "").strip() or (urlparse(url).password or "")
     if key:
         return key
     return None if is_openai_url(url) else DUMMY_KEY
 
 
 _KEYLIKE = re.compile(r"\b(sk-|sess-)[A-Za-z0-9_\-*.]{4,}")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s?#]*@")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;](?:api[_-]?key|key|token|secret|password|passwd|pwd|auth|"
+    r"access[_-]?token|sig|signature|code)=)[^&#\s\"']*"
+)
 
 
-def redact(text: str, key: str | None = None) -> str:
-    """`text` without the key, any part of it servers echo back, or key-like strings."""
-    if key and key != DUMMY_KEY:
-        text = text.replace(key, "***")
+def redact_url(text: str) -> str:
+    """`text` with every URL's userinfo (user:key@) and secret-looking query values
+    (?api_key=..., &token=...) removed: a base URL may carry credentials."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1", text))
+
+
+def client_url(url: str) -> tuple[str, dict[str, str], str | None]:
+    """(base URL without userinfo and query, the query as default parameters, the
+    userinfo's password): the client joins paths onto the base URL, so a query left in
+    it would end up before the path, and userinfo would be logged by the HTTP library."""
+    from urllib.parse import parse_qsl, urlunparse
+
+    p = urlparse(url)
+    netloc = p.hostname or ""
+    if p.port:
+        netloc += f":{p.port}"
+    base = urlunparse((p.scheme, netloc, p.path, "", "", "")) if p.hostname else url
+    return base, dict(parse_qsl(p.query)), p.password
+
+
+class RedactURLs(logging.Filter):
+    """Scrub URL credentials from the HTTP libraries' own log lines (they log each URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.msg = record.getMessage()
+            record.args = None
+        record.msg = redact_url(str(record.msg))
+        return True
+
+
+def install_log_filter() -> None:
+    for name in ("httpx", "httpx2", "openai", "httpcore"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, RedactURLs) for f in lg.filters):
+            lg.addFilter(RedactURLs())
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials a URL carries (userinfo password or user, secret query values)."""
+    from urllib.parse import parse_qsl
+
+    parts = urlparse(url)
+    found = [v for v in (parts.password, parts.username) if v and len(v) >= 4]
+    for name, value in parse_qsl(parts.query, keep_blank_values=False):
+        if _SECRET_QUERY.match(f"?{name}=") and len(value) >= 4:
+            found.append(value)
+    return found
+
+
+def redact(text: str, key: str | None = None, extra: list[str] | tuple[str, ...] = ()) -> str:
+    """`text` without the key, any part of it servers echo back, key-like strings, URL
+    credentials, or any of the `extra` secrets."""
+    for secret in (key, *extra):
+        if not secret or secret == DUMMY_KEY:
+            continue
+        text = text.replace(secret, "***")
         for n in (12, 8):  # "Incorrect API key provided: sk-abcd****wxyz"
-            if len(key) > 2 * n:
-                text = text.replace(key[:n], "***").replace(key[-n:], "***")
-    return _KEYLIKE.sub("***", text)
+            if len(secret) > 2 * n:
+                text = text.replace(secret[:n], "***").replace(secret[-n:], "***")
+    return redact_url(_KEYLIKE.sub("***", text))
+
+
+def redact_json(value: Any, key: str | None, extra: list[str] | tuple[str, ...] = ()) -> Any:
+    """A JSON-able value with `redact` applied to every string in it (keys included):
+    a server that echoes the Authorization header must not put the key on disk."""
+    return json.loads(redact(json.dumps(value, ensure_ascii=False), key, extra))
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -145,40 +208,6 @@ def describe(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     head = type(exc).__name__ + (f" {status}" if status else "")
     return f"{head}: {exc}" if str(exc) else head
-
-
-async def with_retries(
-    call: Callable[[], Awaitable[T]],
-    *,
-    max_retries: int,
-    stats: LLMStats,
-    what: str,
-    key: str | None = None,
-    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-    budget: RetryBudget | None = None,
-) -> T:
-    """Run `call`, retrying transient errors up to `max_retries` times (counted in
-    `stats.retries`); anything else, or the last failure, becomes a one-line LLMError.
-    With a `budget` (shared with the caller's own retries) that budget bounds them instead."""
-    budget = budget if budget is not None else RetryBudget(max_retries)
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except Exception as exc:
-            if not is_retryable(exc) or budget.left <= 0:
-                tried = f" after {budget.used} retries" if budget.used else ""
-                msg = one_line(redact(f"{what} failed{tried}: {describe(exc)}", key))
-                raise LLMError(msg) from None
-            attempt += 1
-            budget.used += 1
-            stats.retries += 1
-            delay = backoff_s(budget.used, retry_after_s(exc))
-            log.warning(
-                "%s", one_line(redact(f"{what}: {describe(exc)}; retry {budget.used}/"
-                                      f"{budget.total} in {delay:.1f}s", key))
-            )  # fmt: skip
-            await sleep(delay)
 
 
 # --- response parsing -------------------------------------------------------------------
@@ -285,11 +314,16 @@ class OpenAIBackend(LLMBackend):
     ):
         super().__init__(model, cache, concurrency)
         self.base_url, _ = resolve_base_url(base_url)
+        self.shown_url = redact_url(self.base_url)  # what logs and errors name
         self.local = not is_openai_url(self.base_url)
         key = api_key_for(self.base_url)
         if key is None:
             raise LLMError(missing_key_message())
         self._key = key
+        self._secrets = url_secrets(self.base_url)
+        self._client_url, self._query, _ = client_url(self.base_url)
+        install_log_filter()
+        self._schema_formats = list(schema_formats(self.base_url))  # see _chat
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
         self._http_client = http_client  # tests inject transports here
@@ -305,10 +339,26 @@ class OpenAIBackend(LLMBackend):
         return {"kind": self.kind, "model": self.model, "base_url": self.base_url}
 
     def _what(self, op: str) -> str:
-        return f"{op} (model '{self.model}' at {self.base_url})"
+        return f"{op} (model '{self.model}' at {self.shown_url})"
 
     def _redact(self, text: str) -> str:
-        return redact(text, self._key)
+        return redact(text, self._key, self._secrets)
+
+    # --- the retry policy's questions (llm/policy.py) ---------------------------------
+    def is_transient(self, exc: BaseException) -> bool:
+        return is_retryable(exc)
+
+    def is_throttle(self, exc: BaseException) -> bool:
+        return getattr(exc, "status_code", None) == 429
+
+    def retry_after(self, exc: BaseException) -> float | None:
+        return retry_after_s(exc)
+
+    def describe(self, exc: BaseException) -> str:
+        return describe(exc)
+
+    def price(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return cost_usd(self.model, prompt_tokens, completion_tokens, local=self.local)
 
     def client(self) -> Any:
         """The async client of the running loop (connection pools are loop-bound)."""
@@ -318,7 +368,8 @@ class OpenAIBackend(LLMBackend):
         if self._client is None or (self._client_loop != loop and self._http_client is None):
             self._client = AsyncOpenAI(
                 api_key=self._key,
-                base_url=self.base_url,
+                base_url=self._client_url,
+                default_query=self._query or None,
                 timeout=self.timeout_s,
                 max_retries=0,
                 http_client=self._http_client,
@@ -326,33 +377,44 @@ class OpenAIBackend(LLMBackend):
             self._client_loop = loop
         return self._client
 
-    async def _request(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
-        async with self.semaphore():
-            return await with_retries(
-                call, max_retries=self.max_retries, stats=self.stats, what=self._what(op),
-                key=self._key, sleep=self.sleep, budget=current_budget(),
-            )  # fmt: skip
-
     async def _chat(
-        self, messages: list[dict], max_tokens: int, temperature: float, top_logprobs: int
+        self,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        top_logprobs: int,
+        seed: int | None = None,
+        json_schema: dict | None = None,
     ) -> ChatResult:
         kwargs: dict[str, Any] = {}
         if top_logprobs > 0:
             kwargs = {"logprobs": True, "top_logprobs": top_logprobs}
+        if seed is not None:
+            kwargs["seed"] = seed
         t0 = time.perf_counter()
-
-        async def call() -> dict:
-            resp = await self.client().chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_tokens,
-                temperature=temperature, **kwargs,
-            )  # fmt: skip
-            raw = _as_dict(resp)
-            choices = raw.get("choices") or []
-            if not choices or not isinstance(choices[0].get("message"), dict):
-                raise MalformedResponse(f"no choices in the response: {one_line(str(raw), 120)}")
-            return raw
-
-        raw = await self._request("chat", call)
+        while True:
+            fmt = self._schema_formats[0] if json_schema and self._schema_formats else None
+            extra = {"response_format": response_format(fmt, json_schema)} if fmt else {}
+            try:
+                resp = await self.client().chat.completions.create(
+                    model=self.model, messages=messages, max_tokens=max_tokens,
+                    temperature=temperature, **kwargs, **extra,
+                )  # fmt: skip
+                break
+            except Exception as exc:
+                if fmt is None or not rejects_format(exc):
+                    raise
+                # This endpoint does not take that form of schema: try the next form, at
+                # last free text (the validator still checks the reply). Not a retry.
+                log.info("%s: response_format %s not accepted (%s)", self.shown_url, fmt,
+                         one_line(self._redact(describe(exc)), 160))  # fmt: skip
+                if self._schema_formats and self._schema_formats[0] == fmt:
+                    self._schema_formats.pop(0)
+        raw = _as_dict(resp)
+        choices = raw.get("choices") or []
+        if not choices or not isinstance(choices[0].get("message"), dict):
+            raise MalformedResponse(f"no choices in the response: {one_line(str(raw), 120)}")
+        raw = redact_json(raw, self._key, self._secrets)  # echoed headers stay off disk
         choice = raw["choices"][0]
         usage = raw.get("usage") or {}
         pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
@@ -411,34 +473,39 @@ class OpenAIBackend(LLMBackend):
         import openai
 
         client = openai.OpenAI(
-            api_key=self._key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0,
-            http_client=self._sync_http_client,
+            api_key=self._key, base_url=self._client_url, default_query=self._query or None,
+            timeout=self.timeout_s, max_retries=0, http_client=self._sync_http_client,
         )  # fmt: skip
-        attempt = 0
+
+        def on_retry(state: tenacity.RetryCallState, delay: float) -> None:
+            self.stats.retries += 1
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("%s", one_line(self._redact(
+                f"{self._what('echo probe')}: {describe(exc) if exc else '?'}; retry "
+                f"{state.attempt_number}/{self.max_retries} in {delay:.1f}s")))  # fmt: skip
+
+        policy = retry_policy(
+            max_retries=self.max_retries, transient=is_retryable, retry_after=retry_after_s,
+            on_retry=on_retry,
+        )  # fmt: skip
+        tries = 0
         try:
-            while True:
-                try:
+            for attempt in tenacity.Retrying(sleep=time.sleep, **policy):
+                with attempt:
+                    tries = attempt.retry_state.attempt_number
                     resp = client.completions.create(
                         model=self.model, prompt=ECHO_PROBE_PROMPT, echo=True, logprobs=1,
                         max_tokens=1, temperature=0,
                     )  # fmt: skip
                     lp = _echo_logprobs(_as_dict(resp))
-                    break
-                except Exception as exc:
-                    why = one_line(redact(describe(exc), self._key), 200)
-                    if not is_retryable(exc):
-                        log.info("no echo logprobs at %s: %s", self.base_url, why)
-                        self._echo, self._echo_why = False, f" ({why})"
-                        return
-                    if attempt >= self.max_retries:  # transient: do not remember an answer
-                        tried = f" after {attempt} retries" if attempt else ""
-                        raise LLMError(f"{self._what('echo probe')} failed{tried}: {why}") from None
-                    attempt += 1
-                    self.stats.retries += 1
-                    delay = backoff_s(attempt, retry_after_s(exc))
-                    log.warning("%s: %s; retry %d/%d in %.1fs", self._what("echo probe"), why,
-                                attempt, self.max_retries, delay)  # fmt: skip
-                    time.sleep(delay)
+        except Exception as exc:
+            why = one_line(self._redact(describe(exc)), 200)
+            if is_retryable(exc):  # transient to the end: do not remember an answer
+                tried = f" after {tries - 1} retries" if tries > 1 else ""
+                raise LLMError(f"{self._what('echo probe')} failed{tried}: {why}") from None
+            log.info("no echo logprobs at %s: %s", self.shown_url, why)
+            self._echo, self._echo_why = False, f" ({why})"
+            return
         finally:
             if self._sync_http_client is None:
                 client.close()
@@ -447,7 +514,7 @@ class OpenAIBackend(LLMBackend):
             return
         self._shift = echo_alignment(ECHO_PROBE_PROMPT, lp)
         self._echo = True
-        log.info("echo logprobs at %s (alignment shift %d)", self.base_url, self._shift)
+        log.info("echo logprobs at %s (alignment shift %d)", self.shown_url, self._shift)
 
     async def _score(
         self, prompt: str, slot_offsets: list[int], candidates: list[str]
@@ -457,22 +524,16 @@ class OpenAIBackend(LLMBackend):
         if not self._echo:
             raise self._no_echo(self._echo_why)
         t0 = time.perf_counter()
-
-        async def call() -> dict:
-            resp = await self.client().completions.create(
-                model=self.model, prompt=prompt, echo=True, logprobs=ECHO_LOGPROBS,
-                max_tokens=1, temperature=0,
-            )  # fmt: skip
-            raw = _as_dict(resp)
-            if not raw.get("choices"):
-                raise MalformedResponse(f"no choices in the response: {one_line(str(raw), 120)}")
-            if _echo_logprobs(raw) is None:  # the probe saw them: this reply is broken
-                raise MalformedResponse("no prompt logprobs in the response")
-            return raw
-
-        raw = await self._request("score_prompt", call)
+        resp = await self.client().completions.create(
+            model=self.model, prompt=prompt, echo=True, logprobs=ECHO_LOGPROBS,
+            max_tokens=1, temperature=0,
+        )  # fmt: skip
+        raw = _as_dict(resp)
+        if not raw.get("choices"):
+            raise MalformedResponse(f"no choices in the response: {one_line(str(raw), 120)}")
         lp = _echo_logprobs(raw)
-        assert lp is not None  # checked in call()
+        if lp is None:  # the probe saw them: this reply is broken
+            raise MalformedResponse("no prompt logprobs in the response")
         usage = raw.get("usage") or {}
         pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         return ScoreResult(
@@ -511,6 +572,32 @@ def _echo_logprobs(raw: dict) -> dict | None:
     if not lp or not lp.get("tokens") or not lp.get("text_offset") or not lp.get("top_logprobs"):
         return None
     return lp
+
+
+def schema_formats(url: str) -> tuple[str, ...]:
+    """The forms of a JSON-schema constraint to try at `url`, in order. OpenAI's API:
+    Structured Outputs (`json_schema`). Other servers: first {"type": "json_object",
+    "schema": ...}, which both llama.cpp servers (llama-cpp-python's and llama.cpp's
+    own) enforce, so a run against them never pays for a refused request; then
+    `json_schema` (vLLM and others). An endpoint that refuses one (HTTP 400/422, or
+    llama-cpp-python's 500 naming response_format) gets the next; after the last, free
+    text (the validator still checks every reply)."""
+    return ("json_schema",) if is_openai_url(url) else ("json_object", "json_schema")
+
+
+def response_format(fmt: str, schema: dict) -> dict:
+    if fmt == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "reply", "strict": True,
+                                                       "schema": schema}}  # fmt: skip
+    return {"type": "json_object", "schema": schema}
+
+
+def rejects_format(exc: BaseException) -> bool:
+    """A 400/422 (llama-cpp-python: a 500) that names the response_format (or its schema)."""
+    if getattr(exc, "status_code", None) not in (400, 422, 500):
+        return False
+    text = f"{exc} {json.dumps(getattr(exc, 'body', None), default=str)}".lower()
+    return "response_format" in text or "json_schema" in text
 
 
 def missing_key_message() -> str:

@@ -87,8 +87,26 @@ def fail_check(cfg: Config, stage: str, n_failed: int, n_total: int, first: str 
         )
 
 
+def cost_stop(cfg: Config, stage: str, backend, n_done: int, n_total: int) -> None:
+    """StageFailed (exit 1, artifacts kept) when max_cost_usd stopped the stage."""
+    if getattr(backend, "cost_limited", False):
+        raise StageFailed(
+            f"{stage}: stopped at max_cost_usd={cfg.max_cost_usd:g}: ${backend.stats.cost_usd:.4f}"
+            f" spent on {backend.stats.requests} requests; {n_done}/{n_total} heads done, the "
+            "rest recorded as not done. Finished work is kept (and cached): raise max_cost_usd "
+            "(0: no limit) and rerun to continue; `head-explain --plan` shows what is left"
+        )
+
+
 def llm_metrics(backend) -> dict[str, Any]:
     return {"model": backend.model, "backend": backend.kind, "llm": backend.stats.as_dict()}
+
+
+def write_llm_calls(cfg: Config, stage: str, *backends) -> None:
+    """outputs/llm_calls/<stage>.jsonl: one record per LLM call of this run, in start order
+    (see LLMBackend.calls), for MLflow traces and cost audits."""
+    recs = sorted((c for b in backends for c in b.calls), key=lambda c: c["start_time"])
+    art.write_jsonl(out(cfg, f"llm_calls/{stage}.jsonl"), [{"stage": stage, **c} for c in recs])
 
 
 async def with_close(backend, coro):

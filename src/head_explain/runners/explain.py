@@ -19,11 +19,13 @@ from head_explain.config import Config
 from head_explain.errors import ArtifactError
 from head_explain.runners.common import (
     check_heads_match,
+    cost_stop,
     fail_check,
     llm_metrics,
     out,
     progress_enabled,
     with_close,
+    write_llm_calls,
     write_stage_metrics,
 )
 
@@ -137,6 +139,7 @@ def run(cfg: Config) -> dict[str, Any]:
             )
         finally:
             bar.close()
+            write_llm_calls(cfg, STAGE, backend)
     ordered = [rows[k] for k in sorted(rows)]
     art.write_jsonl(final, ordered)
     failed = [r for r in ordered if r["error"]]
@@ -145,5 +148,6 @@ def run(cfg: Config) -> dict[str, Any]:
     metrics = {"heads": len(ordered), "failed": len(failed), "resumed": len(done),
                "prompt_version": template.name, "prompt_sha": template.sha, **llm_metrics(backend)}  # fmt: skip
     write_stage_metrics(cfg, STAGE, metrics)
+    cost_stop(cfg, STAGE, backend, len(ordered) - len(failed), len(ordered))
     fail_check(cfg, STAGE, len(failed), len(ordered), failed[0]["error"] if failed else None)
     return metrics

@@ -18,12 +18,14 @@ from head_explain.config import Config
 from head_explain.heads import head_name
 from head_explain.runners.common import (
     check_heads_match,
+    cost_stop,
     fail_check,
     llm_metrics,
     out,
     progress_enabled,
     stage_meta,
     with_close,
+    write_llm_calls,
     write_stage_metrics,
 )
 
@@ -53,7 +55,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from head_explain import pair_scoring, prompts, simulate
     from head_explain.evidence import read_evidence
     from head_explain.headline import beats_baselines
-    from head_explain.llm import make_backend
+    from head_explain.llm import label_calls, make_backend
 
     events, _ = art.read_parquet(out(cfg, "events.parquet"), {"model": cfg.model})
     expl = {(r["layer"], r["head"]): r for r in art.read_jsonl(out(cfg, "explanations.jsonl"))}
@@ -76,6 +78,7 @@ def run(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=len(heads), desc="simulate: heads", disable=not progress_enabled())
 
     async def one(key):
+        label_calls(head=head_name(*key))  # for the call records
         # No partner (fewer than two explained heads): no baseline, never the head's own.
         other = base.get(key)
         has_base = other is not None and other != key
@@ -102,6 +105,7 @@ def run(cfg: Config) -> dict[str, Any]:
         rows = asyncio.run(with_close(backend, all_heads()))
     finally:
         bar.close()
+        write_llm_calls(cfg, STAGE, backend)
     df = pd.DataFrame(rows)
     df["prompt_sha"] = template.sha
     meta = stage_meta(cfg, STAGE) | {"method": method}
@@ -124,5 +128,6 @@ def run(cfg: Config) -> dict[str, Any]:
         "beats_baselines_hard": beats_baselines(df, "hard"),
     }  # fmt: skip
     write_stage_metrics(cfg, STAGE, metrics)
+    cost_stop(cfg, STAGE, backend, len(df) - len(failed), len(df))
     fail_check(cfg, STAGE, len(failed), len(df), failed["error"].iloc[0] if len(failed) else None)
     return metrics
