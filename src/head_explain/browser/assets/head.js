@@ -1,0 +1,169 @@
+// heads/<name>.html: one head's explanations, scores, class, evidence and excerpts.
+(function () {
+  const D = DATA, H = D.head, S = H.scores || {}, T = H.type || {};
+  const amax = D.amax || 1;
+  const isNum = (v) => typeof v === "number";
+
+  document.getElementById("top").append(
+    el("div", { class: "small" }, el("a", { href: "../index.html" }, "← all heads"), D.model ? " · " + D.model : ""),
+    el("h1", {}, H.name,
+      T.head_class ? el("span", { class: "badge", style: { background: classColor(T.head_class), color: "#fff" } }, classLabel(T.head_class)) : null,
+      H.cluster !== undefined ? el("span", { class: "badge" }, H.cluster < 0 ? "no cluster" : "cluster c" + H.cluster) : null),
+    el("div", { class: "sub" }, `layer ${H.layer}, head ${H.head}`));
+  const app = document.getElementById("app");
+
+  // ---- explanation card: every run of the head (prompt versions), the template sentence
+  const runs = D.explanations;
+  const main = runs.filter((r) => r.explanation && !r.error).pop();
+  const explCard = el("div", { class: "card", id: "explanation" }, el("h3", {}, "Explanation"),
+    main ? el("div", { class: "expl" }, main.explanation) : el("div", { class: "expl none" }, "no explanation for this head"),
+    S.template_sentence ? el("div", { class: "note" }, "best template: ", el("span", { class: "mono" }, S.template_sentence)) : null);
+  if (runs.length) {
+    const extra = (r) => Object.entries(r).filter(([k, v]) => /template|clause|prefix|completion$/.test(k) && typeof v === "string" && v);
+    explCard.append(el("table", { class: "list small" },
+      el("tr", {}, ["prompt", "explainer", "explanation", "tokens", "latency"].map((x) => el("th", {}, x))),
+      runs.map((r) => el("tr", {},
+        el("td", { class: "mono" }, (r.prompt_version || "?") + (r.prompt_sha ? " " + String(r.prompt_sha).slice(0, 7) : "")),
+        el("td", {}, r.explainer_model || ""),
+        el("td", {}, r.error ? el("span", { class: "err" }, "error: " + r.error) : (r.explanation || ""),
+          extra(r).map(([k, v]) => el("div", { class: "muted" }, k + ": " + v))),
+        el("td", { class: "num" }, (r.prompt_tokens ?? "") + "/" + (r.completion_tokens ?? "")),
+        el("td", { class: "num" }, fmt(r.latency_s, 2) + " s")))));
+  }
+
+  // ---- scores card: explanation vs shuffled explanation vs template, and the lift
+  const scoreRows = [
+    ["simulation r (all)", S.score, S.baseline_score, null, null],
+    ["simulation r (top)", S.score_top, null, null, null],
+    ["simulation r (random)", S.score_random, null, null, null],
+    ["pair AUC (easy neg.)", S.pair_auc_easy, S.shuffled_auc_easy, S.template_auc_easy, S.lift_easy],
+    ["pair AUC (hard neg.)", S.pair_auc_hard, S.shuffled_auc_hard, S.template_auc_hard, S.lift_hard],
+  ].filter((r) => r.slice(1).some((v) => v != null));
+  const hasPair = scoreRows.some((r) => r[3] != null || r[4] != null);
+  const scoreHead = ["", "explanation", "shuffled"].concat(hasPair ? ["template", "lift"] : []);
+  const scoreCard = el("div", { class: "card", id: "scores" }, el("h3", {}, "Scores"),
+    scoreRows.length ? el("table", {},
+      el("tr", {}, scoreHead.map((x) => el("th", { class: "num" }, x))),
+      scoreRows.map(([k, a, b, c, d]) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, fmt(a)),
+        el("td", { class: "num" }, fmt(b)), hasPair ? [el("td", { class: "num" }, fmt(c)), el("td", { class: "num" }, signed(d))] : null)))
+      : el("div", { class: "muted" }, "not scored in this run"),
+    S.baseline_from ? el("div", { class: "note" }, "shuffled = scored with the explanation of " + S.baseline_from) : null,
+    S.method ? el("div", { class: "note" }, `method ${S.method} · simulator ${S.simulator_model || "?"} · ${S.n_tokens ?? "?"} tokens · ${S.n_failed ?? 0} excerpt(s) failed`) : null,
+    S.error ? el("div", { class: "note err" }, S.error) : null);
+
+  // ---- class card: template scores as bars, then head statistics
+  const bars = (obj, skip) => Object.entries(obj).filter(([k, v]) => isNum(v) && !skip.includes(k)).map(([k, v]) =>
+    el("tr", {}, el("td", {}, k), el("td", { class: "num" }, fmt(v)),
+      el("td", {}, v >= 0 && v <= 1 ? el("span", { class: "hbar", style: { width: Math.round(v * 120) + "px" } }) : "")));
+  const classCard = el("div", { class: "card", id: "class" }, el("h3", {}, "Class and attention statistics"),
+    T.head_class ? el("div", {}, el("b", {}, classLabel(T.head_class)), ` (class score ${fmt(T.class_score, 2)})`,
+      T.second_class ? `, second: ${classLabel(T.second_class)}` : "") : el("div", { class: "muted" }, "no head class in this run"),
+    el("table", { class: "kv" }, bars(T, ["class_score"]), bars(H.stats || {}, ["n_events"])));
+
+  // ---- evidence card: whatever the evidence artifact holds, shown generically
+  const evCard = el("div", { class: "card", id: "evidence" }, el("h3", {}, "Evidence from top events"));
+  const evEntries = Object.entries(D.evidence || {});
+  if (!evEntries.length) evCard.append(el("div", { class: "muted" }, "no evidence artifact in this run"));
+  for (const [k, v] of evEntries) evCard.append(evidenceItem(k, v));
+  function evidenceItem(k, v) {
+    if (v === null || typeof v !== "object") return el("div", {}, el("span", { class: "muted" }, k + ": "), isNum(v) ? fmt(v) : String(v));
+    const entries = Array.isArray(v) ? v.map((x, i) => Array.isArray(x) ? x : (x && typeof x === "object" ? [Object.values(x).slice(0, -1).join(" → "), Object.values(x).slice(-1)[0]] : [String(i), x]))
+      : Object.entries(v);
+    return el("div", {}, el("div", { class: "muted small" }, k), el("table", { class: "kv small" },
+      entries.slice(0, 12).map(([a, b]) => el("tr", {}, el("td", { class: "mono" }, showTok(String(a))),
+        el("td", { class: "num" }, isNum(b) ? fmt(b) : String(b))))));
+  }
+  app.append(el("div", { class: "cards" }, explCard, scoreCard, classCard, evCard));
+
+  // ---- excerpts: token heat = write norm, sources underlined, simulated row below
+  const pat = D.pattern;
+  const patRows = pat ? pat.rows : null;
+  function tokenTip(x, i) {
+    const t = x.tokens[i], v = x.acts[i];
+    const L = [["q", "“" + showTok(t) + "”"],
+      ["m", `activation ${fmt(v)} (${fmt(10 * v / amax, 1)}/10 of the head's max)`]];
+    if (x.sim) L.push(["m", `simulated ${fmt(x.sim[i], 1)}/10`]);
+    if (i === x.dest) {
+      L.push(["t", "destination of this event; reads:"]);
+      for (const s of x.srcs) L.push(["q", `  ${fmt(s.w, 2)}  “${showTok(x.tokens[s.i])}” (${s.i - i})`]);
+      if (x.srcs_before) L.push(["m", `  + ${x.srcs_before} source(s) before the excerpt`]);
+    }
+    if (patRows && pat.key === x.key && patRows[i]) {
+      const top = patRows[i].map((w, j) => [w, j]).sort((a, b) => b[0] - a[0]).slice(0, 3);
+      const rest = 1 - patRows[i].reduce((a, b) => a + b, 0);
+      L.push(["t", "attends to (pattern row):"]);
+      for (const [w, j] of top) L.push(["q", `  ${fmt(w, 2)}  “${showTok(x.tokens[j])}” (${j - i})`]);
+      if (rest > 0.005) L.push(["m", `  ${fmt(rest, 2)} on tokens before the excerpt (BOS included)`]);
+    }
+    return L;
+  }
+  function excerptView(x) {
+    const srcW = Object.fromEntries(x.srcs.map((s) => [s.i, s.w]));
+    const toks = el("div", { class: "toks" });
+    const spans = [];
+    toks.append(el("div", { class: "col" }, el("span", { class: "rowlab" }, "true"), x.sim ? el("span", { class: "rowlab sim" }, "simulated") : null));
+    x.tokens.forEach((t, i) => {
+      const cls = "tok" + (i === x.dest ? " dest" : "") + (i in srcW ? " src" : "");
+      const span = el("span", { class: cls, "data-i": String(i), style: { background: heat(x.acts[i] / amax) } }, showTok(t));
+      if (i in srcW) span.style.textDecorationThickness = (1 + Math.round(3 * srcW[i])) + "px";
+      tipOn(span, () => tokenTip(x, i));
+      span.addEventListener("mouseenter", () => { if (i === x.dest) for (const s of x.srcs) spans[s.i].classList.add("hl"); });
+      span.addEventListener("mouseleave", () => spans.forEach((s) => s.classList.remove("hl")));
+      spans.push(span);
+      const simSpan = x.sim ? tipOn(el("span", { class: "tok sim", style: { background: heat(x.sim[i] == null ? null : x.sim[i] / 10) } },
+        showTok(t)), () => tokenTip(x, i)) : null;
+      toks.append(el("div", { class: "col" }, span, simSpan));
+    });
+    const meta = `${x.split} #${x.rank} · window ${x.window}, token ${x.pos} · activation ${fmt(x.act)}` +
+      (x.act_norm != null ? ` (${fmt(x.act_norm, 1)}/10)` : "");
+    return el("div", { class: "excerpt", "data-key": x.key }, el("div", { class: "meta" }, meta), toks);
+  }
+  const groups = [
+    ["explain", "Top activating excerpts shown to the explainer", "Background = the head's write norm at each token (darker = stronger); boxed = the event's destination token; underlined = the sources it reads most (thicker = more attention). Hover a token for its values."],
+    ["score_top", "Held-out top excerpts: true vs simulated activation", "Top row: true write norm; bottom row: the simulator's prediction from the explanation (0–10), on the same colour scale."],
+    ["score_random", "Random excerpts: true vs simulated activation", "Random windows: a good explanation predicts low values here."],
+  ];
+  const exBox = el("div", { id: "excerpts" });
+  for (const [split, title, note] of groups) {
+    const xs = D.excerpts.filter((x) => x.split === split);
+    if (!xs.length) continue;
+    exBox.append(el("h2", {}, title), el("div", { class: "note" }, note), ...xs.map(excerptView));
+    if (split !== "explain" && !xs.some((x) => x.sim)) exBox.append(el("div", { class: "note" }, "No simulated values were stored by this run's simulate stage."));
+  }
+  if (!D.excerpts.length) exBox.append(el("h2", {}, "Excerpts"), el("div", { class: "muted" }, "no events selected for this head"));
+
+  // ---- attention pattern of one excerpt: destination x source heat map
+  const patBox = el("div", { class: "card", id: "pattern" }, el("h3", {}, "Attention pattern"));
+  const px = pat && D.excerpts.find((x) => x.key === pat.key);
+  if (!px) patBox.append(el("div", { class: "muted" }, "no attention pattern stored for this head"));
+  else {
+    const n = px.tokens.length;
+    const g = el("div", { class: "pat", style: { gridTemplateColumns: `110px repeat(${n}, 16px)` } });
+    g.append(el("div", {}));
+    px.tokens.forEach((t) => g.append(el("div", { class: "pat-label xl" }, showTok(t))));
+    px.tokens.forEach((t, i) => {
+      g.append(el("div", { class: "pat-label yl" + (i === px.dest ? " dest" : "") }, showTok(t)));
+      for (let j = 0; j < n; j++) {
+        const w = patRows[i][j] || 0;
+        const c = el("div", { class: "px", style: { background: j > i ? "#f6f8fa" : `rgba(9, 105, 218, ${Math.min(1, 0.04 + w).toFixed(3)})` } });
+        if (j <= i) tipOn(c, () => [["q", `“${showTok(px.tokens[i])}” → “${showTok(px.tokens[j])}”`], ["m", `attention ${fmt(w, 3)} (offset ${j - i})`]]);
+        g.append(c);
+      }
+    });
+    patBox.append(el("div", { class: "note" }, `${px.split} #${px.rank}: row = destination token, column = source token; rows leave out weight on tokens before the excerpt.`), g);
+  }
+
+  // ---- cluster and nearest heads by explanation embedding
+  const near = el("div", { class: "card", id: "neighbours" }, el("h3", {}, "Cluster and nearest heads"));
+  if (D.cluster) near.append(el("div", {}, `cluster c${D.cluster.id}: `, el("b", {}, D.cluster.label || "(no label)"),
+    ` · ${D.cluster.size} heads · mean score ${fmt(D.cluster.mean_score)}`),
+    el("div", { class: "small" }, "members: ", D.cluster.members.map((m, i) => [i ? ", " : "", m === H.name ? m : el("a", { href: m + ".html" }, m)])));
+  else near.append(el("div", { class: "muted" }, D.noise ? "not in any cluster (HDBSCAN noise)" : "no cluster for this head"));
+  if (D.neighbours.length) near.append(el("table", { class: "list small" },
+    el("tr", {}, el("th", {}, "head"), el("th", { class: "num" }, "cosine"), el("th", {}, "explanation")),
+    D.neighbours.map((nb) => el("tr", {}, el("td", { class: "mono" }, el("a", { href: nb.page }, nb.name)),
+      el("td", { class: "num" }, fmt(nb.cos, 2)), el("td", {}, nb.explanation)))));
+  else near.append(el("div", { class: "note" }, "no explanation embeddings to compare"));
+
+  app.append(exBox, el("div", { class: "cards", style: { marginTop: "16px" } }, patBox, near));
+})();
