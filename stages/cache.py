@@ -1,6 +1,7 @@
-"""DVC stage 'cache': params.yaml -> head_explain.pipeline.run_cache (see dvc.yaml)."""
+"""DVC stage 'cache': params.yaml -> head_explain.runners.cache (see dvc.yaml)."""
 
-from head_explain.cli import stage_main
+from head_explain.runners import cache
+from head_explain.stage_entry import stage_main
 
 if __name__ == "__main__":
-    stage_main("cache")
+    stage_main(cache)

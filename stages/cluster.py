@@ -1,6 +1,7 @@
-"""DVC stage 'cluster': params.yaml -> head_explain.pipeline.run_cluster (see dvc.yaml)."""
+"""DVC stage 'cluster': params.yaml -> head_explain.runners.cluster (see dvc.yaml)."""
 
-from head_explain.cli import stage_main
+from head_explain.runners import cluster
+from head_explain.stage_entry import stage_main
 
 if __name__ == "__main__":
-    stage_main("cluster")
+    stage_main(cluster)

@@ -365,7 +365,8 @@ class FaultProxy:
 def stage_code(stage: str) -> str:
     """`python -c` code running one stage as DVC does (params file in argv[1])."""
     return (
-        f"import sys; from head_explain.cli import stage_main; stage_main({stage!r}, sys.argv[1])"
+        "import sys; from head_explain.stage_entry import stage_main; "
+        f"from head_explain.runners import {stage}; stage_main({stage}, sys.argv[1])"
     )
 
 

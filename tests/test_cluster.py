@@ -11,8 +11,9 @@ import pytest
 
 from head_explain import config
 from head_explain.artifacts import write_jsonl, write_parquet
-from head_explain.cluster import cluster_heads, ctfidf_labels, embed, load_embedder, run_cluster
+from head_explain.cluster import cluster_heads, ctfidf_labels, embed, load_embedder
 from head_explain.errors import ConfigError
+from head_explain.runners.cluster import run as run_cluster
 
 BLOBS = {
     "python": [

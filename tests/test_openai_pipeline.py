@@ -45,14 +45,14 @@ def test_explain_and_simulate_through_openai_backend(
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = _cfg(outdir, llama_server, tmp_path, method)
     pipeline.preflight(cfg, ["explain", "simulate"])
-    m = pipeline.run_explain(cfg)
+    m = pipeline.RUNNERS["explain"].run(cfg)
     assert m["backend"] == "openai" and m["heads"] == 2
     rows = [json.loads(line) for line in (outdir / "explanations.jsonl").read_text().splitlines()]
     assert {(r["layer"], r["head"]) for r in rows} == {(17, 5), (8, 7)}
     for r in rows:
         assert r["explainer_model"] == "smollm2" and r["prompt_tokens"] > 100
         assert r["explanation"] or r["error"]
-    s = pipeline.run_simulate(cfg)
+    s = pipeline.RUNNERS["simulate"].run(cfg)
     assert s["method"] == method
     scores = pd.read_parquet(outdir / "scores.parquet")
     assert len(scores) == 2 and set(scores["method"]) == {method}
@@ -66,7 +66,7 @@ def test_explain_and_simulate_through_openai_backend(
         for r in scores.itertuples():
             if not math.isfinite(r.score):
                 assert "excerpts failed" in r.error or "constant" in r.error, r.error
-    again = pipeline.run_simulate(cfg)  # every usable answer comes from the cache
+    again = pipeline.RUNNERS["simulate"].run(cfg)  # every usable answer comes from the cache
     assert again["llm"]["cache_hits"] > 0
     if method == "echo":
         assert again["llm"]["requests"] == 0

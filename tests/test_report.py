@@ -14,7 +14,8 @@ import pytest
 
 from head_explain import config
 from head_explain.artifacts import write_json, write_jsonl, write_parquet
-from head_explain.report import md_escape, render_excerpt, run_report
+from head_explain.report import md_escape, render_excerpt
+from head_explain.runners.report import write_report
 
 NASTY = "| <script>alert(1)</script> ** [x](y) `code` _u_ # h\nsecond line"
 META = {"model": "gpt2", "config_hash": "0"}
@@ -103,7 +104,7 @@ def write_artifacts(outdir: Path, clusters: bool = True) -> None:
 def report(tmp_path):
     write_artifacts(tmp_path)
     cfg = config.build({"outdir": str(tmp_path)})
-    metrics = run_report(cfg, wall_times={"report": 0.2})
+    metrics = write_report(cfg, wall_times={"report": 0.2})
     return tmp_path, metrics, (tmp_path / "report.md").read_text()
 
 
@@ -211,7 +212,7 @@ def test_no_clusters_no_scores(tmp_path):
     write_parquet(tmp_path / "scores.parquet", sc, meta)
     (tmp_path / "events.parquet").unlink()
     cfg = config.build({"outdir": str(tmp_path)})
-    m = run_report(cfg)
+    m = write_report(cfg)
     md = (tmp_path / "report.md").read_text()
     assert m["mean_score"] is None and m["n_scored"] == 0 and m["n_clusters"] is None
     assert "NaN" not in (tmp_path / "metrics.json").read_text()
@@ -224,7 +225,7 @@ def test_empty_cluster_list(tmp_path):
     data = json.loads((tmp_path / "clusters.json").read_text())
     data.update(clusters=[], noise=["L0H0", "L0H1"], note="2 head(s), fewer than 5")
     write_json(tmp_path / "clusters.json", data)
-    m = run_report(config.build({"outdir": str(tmp_path)}))
+    m = write_report(config.build({"outdir": str(tmp_path)}))
     md = (tmp_path / "report.md").read_text()
     assert m["n_clusters"] == 0
     assert "No clusters were found." in md and "Noise (2): L0H0, L0H1" in md
@@ -236,7 +237,7 @@ def test_duplicate_head_rows_keep_the_latest(tmp_path):
     path = tmp_path / "explanations.jsonl"
     retry = {"layer": 0, "head": 1, "explanation": "retried text", "error": None}
     path.write_text(path.read_text() + json.dumps(retry) + "\n")
-    run_report(config.build({"outdir": str(tmp_path)}))
+    write_report(config.build({"outdir": str(tmp_path)}))
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(rows) == 6
     assert [r["explanation"] for r in rows if r["head"] == "L0H1"] == ["retried text"]

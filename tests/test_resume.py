@@ -160,13 +160,13 @@ def test_rerun_with_unusable_replies_makes_no_requests(prepared_artifacts, tmp_p
     monkeypatch.setattr(embedded.EmbeddedBackend, "_chat", chat)
     monkeypatch.setattr(embedded.EmbeddedBackend, "_score", score)
 
-    first_explain = pipeline.run_explain(cfg)
+    first_explain = pipeline.RUNNERS["explain"].run(cfg)
     rows = {(r["layer"], r["head"]): r for r in art.read_jsonl(out / "explanations.jsonl")}
     assert "unusable reply after 1 tries" in rows[spoilt_head]["error"]
     good = [k for k in sorted(rows) if rows[k]["explanation"]]
     assert good, rows
     spoil_explanation.append(rows[good[0]]["explanation"])
-    first_simulate = pipeline.run_simulate(cfg)
+    first_simulate = pipeline.RUNNERS["simulate"].run(cfg)
     scores = pd.read_parquet(out / "scores.parquet")
     assert first_explain["llm"]["requests"] == 4 and first_explain["llm"]["failures"] >= 1
     assert first_simulate["llm"]["failures"] >= 2  # its own excerpts, and as a baseline
@@ -176,8 +176,8 @@ def test_rerun_with_unusable_replies_makes_no_requests(prepared_artifacts, tmp_p
     assert 2 <= stage.cache_rows(unusable=True) <= failures  # remembered, marked unusable
 
     # unchanged inputs: both stages again, fresh backends on the same cache
-    again_explain = pipeline.run_explain(cfg)
-    again_simulate = pipeline.run_simulate(cfg)
+    again_explain = pipeline.RUNNERS["explain"].run(cfg)
+    again_simulate = pipeline.RUNNERS["simulate"].run(cfg)
     assert calls == made  # the model was never asked
     assert again_explain["llm"]["requests"] == 0 and again_simulate["llm"]["requests"] == 0
     assert again_explain["llm"]["failures"] == first_explain["llm"]["failures"]
@@ -193,7 +193,7 @@ def test_rerun_with_unusable_replies_makes_no_requests(prepared_artifacts, tmp_p
 
     # as after `dvc repro -f` with no partial file: every head is looked up, none is asked
     (out / ".explanations.jsonl.partial").unlink()
-    third = pipeline.run_explain(cfg)
+    third = pipeline.RUNNERS["explain"].run(cfg)
     assert third["llm"]["requests"] == 0 and third["llm"]["cache_hits"] == 4
     assert calls == made
     third_rows = {(r["layer"], r["head"]): r for r in art.read_jsonl(out / "explanations.jsonl")}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from head_explain import config
-from head_explain.report import run_report
+from head_explain.runners.report import write_report
 from head_explain.tracking import config_params, log_run, tracking_uri
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,7 +32,7 @@ def logged(tmp_path_factory):
             "data_files": "x" * 7000,
         }
     )
-    metrics = run_report(cfg)
+    metrics = write_report(cfg)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
         mp.setenv("DVC_EXP_NAME", "exp-one")

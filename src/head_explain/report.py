@@ -20,13 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from head_explain.artifacts import (
-    atomic_path,
-    read_jsonl,
-    read_parquet,
-    write_json,
-    write_text,
-)
+from head_explain.artifacts import atomic_path, read_jsonl, read_parquet
 from head_explain.config import source_list
 from head_explain.heads import head_name
 
@@ -101,7 +95,7 @@ def render_excerpt(tokens: list[str], dest: int, srcs: list[int] | None = None) 
     return re.sub(r" {2,}", " ", "".join(parts)).strip()
 
 
-def _finite(x: Any) -> bool:
+def is_finite(x: Any) -> bool:
     try:
         return x is not None and math.isfinite(float(x))
     except (TypeError, ValueError):
@@ -110,14 +104,14 @@ def _finite(x: Any) -> bool:
 
 def fmt(x: Any, digits: int = 3) -> str:
     """A number for display; None/NaN -> "n/a"."""
-    if not _finite(x):
+    if not is_finite(x):
         return "n/a"
     return f"{float(x):.{digits}f}"
 
 
 def _num(x: Any) -> float | int | None:
     """A JSON-safe number: NaN/inf -> None, numpy scalars -> Python."""
-    if not _finite(x):
+    if not is_finite(x):
         return None
     v = float(x)
     return int(v) if isinstance(x, (int, np.integer)) else v
@@ -203,7 +197,7 @@ def build_summary(
             parts.append("explain: empty explanation")
         if _present(row.score_error):
             parts.append(f"simulate: {row.score_error}")
-        elif not _finite(row.score):
+        elif not is_finite(row.score):
             parts.append("simulate: no score")
         return "; ".join(parts)
 
@@ -236,13 +230,13 @@ def _llm_totals(stage_metrics: dict, explanations: list[dict]) -> dict[str, floa
     for stage in ("explain", "simulate"):
         llm = (stage_metrics.get(stage) or {}).get("llm") or {}
         for k in keys:
-            if _finite(llm.get(k)):
+            if is_finite(llm.get(k)):
                 tot[k] += float(llm[k])
                 seen = True
     if not seen:  # metrics files absent: the explanations still know their own cost
         for r in explanations:
             for k in ("prompt_tokens", "completion_tokens", "cost_usd"):
-                if _finite(r.get(k)):
+                if is_finite(r.get(k)):
                     tot[k] += float(r[k])
         tot["requests"] = float(len(explanations))
     return tot
@@ -539,29 +533,3 @@ def render_markdown(cfg: Any, ctx: dict, summary: pd.DataFrame, wall: dict) -> s
     lines += _best_worst_section(summary, ctx["events"])
     lines += _failed_section(summary)
     return "\n".join(lines).rstrip() + "\n"
-
-
-def run_report(cfg: Any, wall_times: dict | None = None) -> dict[str, Any]:
-    """Stage entry: write report.md, summary.csv, metrics.json and plots/; return metrics."""
-    outdir = Path(cfg.outdir)
-    ctx = load_inputs(outdir)
-    summary = build_summary(ctx["explanations"], ctx["scores"], ctx["head_stats"], ctx["clusters"])
-    wall = {
-        k: float(v["seconds"])
-        for k, v in ctx["stage_metrics"].items()
-        if isinstance(v, dict) and _finite(v.get("seconds"))
-    }
-    wall.update({k: float(v) for k, v in (wall_times or {}).items() if _finite(v)})
-    plots = outdir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    plot_score_map(summary, plots / "score_map.png")
-    plot_score_hist(summary, plots / "score_hist.png")
-    with atomic_path(plots / "scores.csv") as tmp:
-        summary[["head", "layer", "score", "baseline_score"]].to_csv(tmp, index=False)
-    with atomic_path(outdir / "summary.csv") as tmp:
-        summary.to_csv(tmp, index=False)
-    metrics = compute_metrics(summary, ctx["clusters"], ctx["stage_metrics"], ctx["explanations"])
-    write_json(outdir / "metrics.json", metrics)
-    write_text(outdir / "report.md", render_markdown(cfg, ctx, summary, wall))
-    log.info("report: %d heads, mean score %s", metrics["n_heads"], fmt(metrics["mean_score"]))
-    return metrics

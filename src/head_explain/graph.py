@@ -1,0 +1,77 @@
+"""The stage graph: order, the params each stage reads, what it reads and writes.
+
+`dvc.yaml` is generated from this table plus each stage's imports
+(`python tools/dvc_yaml.py --write`); `tests/test_dvc_yaml.py` fails when they differ.
+Each stage lists only the params that change its outputs, so `dvc exp run -S topk=300`
+reruns select and what follows, never sample or cache. Operational knobs
+(concurrency, timeouts, retries, the LLM cache path) change no result and are left out
+on purpose.
+"""
+
+from __future__ import annotations
+
+STAGES = ("sample", "cache", "select", "explain", "simulate", "cluster", "report")
+
+# The stage's DVC entry script (select_events.py: a script named select.py would shadow
+# the stdlib `select` module that DVC itself imports).
+SCRIPTS: dict[str, str] = {s: f"stages/{s}.py" for s in STAGES} | {
+    "select": "stages/select_events.py"
+}
+
+STAGE_PARAMS: dict[str, list[str]] = {
+    "sample": [
+        "model", "sources", "wikitext_dir", "wikitext_config", "wikitext_split",
+        "stackexchange_dir", "data_files", "windows", "window_len", "seed",
+    ],
+    "cache": [
+        "model", "device", "dtype", "batch_size", "heads", "max_heads", "candidates",
+        "max_events_per_window", "top_sources", "random_windows", "seed",
+    ],
+    "select": [
+        "topk", "explain_examples", "score_top_examples", "score_random_examples",
+        "excerpt_len", "seed",
+    ],
+    "explain": ["llm", "openai_model", "openai_base_url", "explain_max_tokens", "max_failed_fraction"],
+    "simulate": [
+        "llm", "openai_model", "openai_base_url", "simulator_model", "simulation_method",
+        "seed", "max_failed_fraction",
+    ],
+    "cluster": ["embedding_model", "min_cluster_size"],
+    "report": ["mlflow_experiment"],
+}  # fmt: skip
+
+# Artifacts each stage reads (outputs of earlier stages).
+INPUTS: dict[str, list[str]] = {
+    "sample": [],
+    "cache": ["windows.parquet"],
+    "select": ["windows.parquet", "raw_events.parquet", "activations.parquet"],
+    "explain": ["events.parquet"],
+    "simulate": ["events.parquet", "explanations.jsonl"],
+    "cluster": ["explanations.jsonl", "scores.parquet"],
+    "report": [
+        "events.parquet", "explanations.jsonl", "scores.parquet", "head_stats.parquet",
+        "clusters.json",
+    ],
+}  # fmt: skip
+
+OUTPUTS: dict[str, list[str]] = {
+    "sample": ["windows.parquet"],
+    "cache": ["raw_events.parquet", "head_stats.parquet", "activations.parquet"],
+    "select": ["events.parquet"],
+    "explain": ["explanations.jsonl"],
+    "simulate": ["scores.parquet"],
+    "cluster": ["clusters.json"],
+    "report": ["report.md", "summary.csv", "metrics.json", "mlflow_run.json"],
+}
+
+# Outputs DVC keeps out of its cache (small, rewritten every run, or read by DVC itself).
+UNCACHED: dict[str, list[str]] = {
+    "report": ["plots/score_map.png", "plots/score_hist.png"],
+}
+
+# Non-Python files of the package a stage reads (prompt templates), as globs under
+# src/head_explain: every shipped version is a dep, since a param picks among them.
+DATA_FILES: dict[str, list[str]] = {
+    "explain": ["prompts/explain_*.txt"],
+    "simulate": ["prompts/simulate_*.txt"],
+}
