@@ -3,6 +3,11 @@
   const D = DATA, H = D.head, S = H.scores || {}, T = H.type || {};
   const amax = D.amax || 1;
   const isNum = (v) => typeof v === "number";
+  // Simulated values are on the simulator's 0-10 scale; the score is a correlation and
+  // ignores offset and scale, so the row spans the head's simulated min..max.
+  const simVals = D.excerpts.flatMap((x) => (x.sim || []).filter(isNum));
+  const simLo = simVals.length ? Math.min(...simVals) : 0;
+  const simSpan = Math.max(1e-9, (simVals.length ? Math.max(...simVals) : 1) - simLo);
 
   document.getElementById("top").append(
     el("div", { class: "small" }, el("a", { href: "../index.html" }, "← all heads"), D.model ? " · " + D.model : ""),
@@ -19,14 +24,15 @@
     main ? el("div", { class: "expl" }, main.explanation) : el("div", { class: "expl none" }, "no explanation for this head"),
     S.template_sentence ? el("div", { class: "note" }, "best template: ", el("span", { class: "mono" }, S.template_sentence)) : null);
   if (runs.length) {
-    const extra = (r) => Object.entries(r).filter(([k, v]) => /template|clause|prefix|completion$/.test(k) && typeof v === "string" && v);
+    const EXTRA = { template_clause: "measured clause", model_completion: "model's part" };
+    const extra = (r) => Object.entries(r).filter(([k, v]) => /template|clause|prefix|completion$/.test(k) && typeof v === "string" && v && v !== r.explanation);
     explCard.append(el("table", { class: "list small" },
       el("tr", {}, ["prompt", "explainer", "explanation", "tokens", "latency"].map((x) => el("th", {}, x))),
       runs.map((r) => el("tr", {},
         el("td", { class: "mono" }, (r.prompt_version || "?") + (r.prompt_sha ? " " + String(r.prompt_sha).slice(0, 7) : "")),
         el("td", {}, r.explainer_model || ""),
         el("td", {}, r.error ? el("span", { class: "err" }, "error: " + r.error) : (r.explanation || ""),
-          extra(r).map(([k, v]) => el("div", { class: "muted" }, k + ": " + v))),
+          extra(r).map(([k, v]) => el("div", { class: "muted" }, (EXTRA[k] || k) + ": " + v))),
         el("td", { class: "num" }, (r.prompt_tokens ?? "") + "/" + (r.completion_tokens ?? "")),
         el("td", { class: "num" }, fmt(r.latency_s, 2) + " s")))));
   }
@@ -60,19 +66,32 @@
       T.second_class ? `, second: ${classLabel(T.second_class)}` : "") : el("div", { class: "muted" }, "no head class in this run"),
     el("table", { class: "kv" }, bars(T, ["class_score"]), bars(H.stats || {}, ["n_events"])));
 
-  // ---- evidence card: whatever the evidence artifact holds, shown generically
+  // ---- evidence card: offset/template shares as bars, frequent tokens and pairs as
+  // tables (top_X with top_X_count / top_X_lift), any other field as key: value
   const evCard = el("div", { class: "card", id: "evidence" }, el("h3", {}, "Evidence from top events"));
-  const evEntries = Object.entries(D.evidence || {});
-  if (!evEntries.length) evCard.append(el("div", { class: "muted" }, "no evidence artifact in this run"));
-  for (const [k, v] of evEntries) evCard.append(evidenceItem(k, v));
-  function evidenceItem(k, v) {
-    if (v === null || typeof v !== "object") return el("div", {}, el("span", { class: "muted" }, k + ": "), isNum(v) ? fmt(v) : String(v));
-    const entries = Array.isArray(v) ? v.map((x, i) => Array.isArray(x) ? x : (x && typeof x === "object" ? [Object.values(x).slice(0, -1).join(" → "), Object.values(x).slice(-1)[0]] : [String(i), x]))
-      : Object.entries(v);
-    return el("div", {}, el("div", { class: "muted small" }, k), el("table", { class: "kv small" },
-      entries.slice(0, 12).map(([a, b]) => el("tr", {}, el("td", { class: "mono" }, showTok(String(a))),
-        el("td", { class: "num" }, isNum(b) ? fmt(b) : String(b))))));
+  const EV = D.evidence || {};
+  const evKeys = Object.keys(EV);
+  if (!evKeys.length) evCard.append(el("div", { class: "muted" }, "no evidence artifact in this run"));
+  const used = new Set(["head_class", "class_score", "second_class"]);
+  const shares = evKeys.filter((k) => k.startsWith("share_") && (EV[k] === null || isNum(EV[k])));
+  if (shares.length) {
+    shares.forEach((k) => used.add(k));
+    evCard.append(el("div", { class: "muted small" }, "share of top events whose main source is…"),
+      el("table", { class: "kv" }, bars(Object.fromEntries(shares.map((k) => [k.replace(/^share_/, ""), EV[k]])), [])));
   }
+  const freq = evKeys.filter((k) => Array.isArray(EV[k]) && !/_(count|lift)$/.test(k));
+  for (const k of freq) {
+    used.add(k); used.add(k + "_count"); used.add(k + "_lift");
+    const cnt = EV[k + "_count"] || [], lift = EV[k + "_lift"] || [];
+    evCard.append(el("div", { class: "muted small", style: { marginTop: "8px" } }, k.replace(/_/g, " ")),
+      el("table", { class: "kv small" }, el("tr", {}, el("th", {}, ""), el("th", { class: "num" }, "count"), el("th", { class: "num" }, "lift")),
+        EV[k].slice(0, 8).map((t, i) => el("tr", {}, el("td", { class: "mono" }, showTok(String(t))),
+          el("td", { class: "num" }, cnt[i] ?? ""), el("td", { class: "num" }, lift[i] == null ? "" : fmt(lift[i], 1) + "×")))));
+  }
+  const rest = evKeys.filter((k) => !used.has(k));
+  if (rest.length) evCard.append(el("table", { class: "kv small", style: { marginTop: "8px" } },
+    rest.map((k) => el("tr", {}, el("td", {}, k), el("td", { class: "num" },
+      isNum(EV[k]) ? fmt(EV[k]) : EV[k] === null ? "n/a" : typeof EV[k] === "object" ? JSON.stringify(EV[k]) : String(EV[k]))))));
   app.append(el("div", { class: "cards" }, explCard, scoreCard, classCard, evCard));
 
   // ---- excerpts: token heat = write norm, sources underlined, simulated row below
@@ -82,7 +101,7 @@
     const t = x.tokens[i], v = x.acts[i];
     const L = [["q", "“" + showTok(t) + "”"],
       ["m", `activation ${fmt(v)} (${fmt(10 * v / amax, 1)}/10 of the head's max)`]];
-    if (x.sim) L.push(["m", `simulated ${fmt(x.sim[i], 1)}/10`]);
+    if (x.sim) L.push(["m", `simulated ${fmt(x.sim[i], 2)} on the simulator's 0–10 scale`]);
     if (i === x.dest) {
       L.push(["t", "destination of this event; reads:"]);
       for (const s of x.srcs) L.push(["q", `  ${fmt(s.w, 2)}  “${showTok(x.tokens[s.i])}” (${s.i - i})`]);
@@ -110,9 +129,9 @@
       span.addEventListener("mouseenter", () => { if (i === x.dest) for (const s of x.srcs) spans[s.i].classList.add("hl"); });
       span.addEventListener("mouseleave", () => spans.forEach((s) => s.classList.remove("hl")));
       spans.push(span);
-      const simSpan = x.sim ? tipOn(el("span", { class: "tok sim", style: { background: heat(x.sim[i] == null ? null : x.sim[i] / 10) } },
+      const simCell = x.sim ? tipOn(el("span", { class: "tok sim", style: { background: heat(x.sim[i] == null ? null : (x.sim[i] - simLo) / simSpan) } },
         showTok(t)), () => tokenTip(x, i)) : null;
-      toks.append(el("div", { class: "col" }, span, simSpan));
+      toks.append(el("div", { class: "col" }, span, simCell));
     });
     const meta = `${x.split} #${x.rank} · window ${x.window}, token ${x.pos} · activation ${fmt(x.act)}` +
       (x.act_norm != null ? ` (${fmt(x.act_norm, 1)}/10)` : "");
@@ -120,7 +139,7 @@
   }
   const groups = [
     ["explain", "Top activating excerpts shown to the explainer", "Background = the head's write norm at each token (darker = stronger); boxed = the event's destination token; underlined = the sources it reads most (thicker = more attention). Hover a token for its values."],
-    ["score_top", "Held-out top excerpts: true vs simulated activation", "Top row: true write norm; bottom row: the simulator's prediction from the explanation (0–10), on the same colour scale."],
+    ["score_top", "Held-out top excerpts: true vs simulated activation", "Top row: true write norm; bottom row: the simulator's prediction from the explanation, coloured from its lowest to its highest value for this head (the score, a correlation, ignores offset and scale)."],
     ["score_random", "Random excerpts: true vs simulated activation", "Random windows: a good explanation predicts low values here."],
   ];
   const exBox = el("div", { id: "excerpts" });

@@ -36,7 +36,7 @@
     if (state.lo !== "" && !(s != null && s >= Number(state.lo))) return false;
     if (state.hi !== "" && !(s != null && s <= Number(state.hi))) return false;
     if (state.q) {
-      const hay = (h.name + " " + (h.explanation || "") + " " + (cls(h) || "")).toLowerCase();
+      const hay = (h.name + " " + (h.explanation || "") + " " + (cls(h) ? classLabel(cls(h)) : "")).toLowerCase();
       if (!hay.includes(state.q.toLowerCase())) return false;
     }
     return true;
