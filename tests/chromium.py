@@ -170,6 +170,13 @@ class Chromium:
         self.wait_event("Page.loadEventFired", mark, timeout)
         return time.perf_counter() - t0
 
+    def click_and_wait(self, selector: str, timeout: float = 30.0) -> str:
+        """Click an element that navigates; wait for the new page's load; return its URL."""
+        mark = len(self.events)
+        self.eval(f"document.querySelector({json.dumps(selector)}).click()")
+        self.wait_event("Page.loadEventFired", mark, timeout)
+        return self.eval("location.href")
+
     def eval(self, expr: str) -> Any:
         res = self.send("Runtime.evaluate", {"expression": expr, "returnByValue": True})
         if "exceptionDetails" in res:

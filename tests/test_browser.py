@@ -217,7 +217,13 @@ def test_index_in_chromium(built_browser, chromium_binary, tmp_path):
         assert b.eval("document.querySelectorAll('img').length") == 0
         assert b.eval("document.scripts.length") == 2
         assert b.eval("window.__pwned === undefined")
+        b.eval("document.querySelector('.cell[data-head=L0H1]').click()")  # classified only
+        side = b.eval("document.querySelector('.side').innerText")
+        assert "L0H1" in side and "head_class" in side and "syn_prev_token" in side
         assert b.errors() == [] and b.dialogs() == []
+        url = b.click_and_wait(".cell[data-head=L17H5]")  # a click opens the head page
+        assert url.endswith("/heads/L17H5.html") and b.eval("document.title").startswith("L17H5")
+        assert b.errors() == []
     finally:
         b.close()
     assert (tmp_path / "index.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
