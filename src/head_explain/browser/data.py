@@ -116,6 +116,9 @@ def index_data(inputs: dict[str, Any], pages: set[str]) -> dict[str, Any]:
                 entry["scores"] = _score_fields(scores[key])
             if text:
                 entry["explanation"] = text[:EXCERPT_MAX_CHARS]
+            elif expl.get(key):  # explained but failed: say why instead of a blank
+                err = expl[key][-1].get("error") or "empty explanation"
+                entry["explain_error"] = str(err)[:EXCERPT_MAX_CHARS]
             if name in member_of:
                 entry["cluster"] = member_of[name]
             if name in pages:

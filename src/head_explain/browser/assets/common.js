@@ -40,7 +40,7 @@ function showTok(t) {
 
 const CLASS_COLORS = {
   previous_token: "#4e79a7", induction: "#e15759", duplicate_token: "#f28e2b",
-  self: "#76b7b2", bos_sink: "#c9b48f", fixed_offset: "#59a14f", content: "#b07aa1",
+  self: "#76b7b2", bos_sink: "#e2d3b3", fixed_offset: "#59a14f", content: "#d6cce3",
 };
 const CAT = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
              "#ff9da7", "#9c755f", "#bab0ac"];

@@ -57,14 +57,45 @@
     S.method ? el("div", { class: "note" }, `method ${S.method} · simulator ${S.simulator_model || "?"} · ${S.n_tokens ?? "?"} tokens · ${S.n_failed ?? 0} excerpt(s) failed`) : null,
     S.error ? el("div", { class: "note err" }, S.error) : null);
 
-  // ---- class card: template scores as bars, then head statistics
+  // ---- class card: template scores (synthetic vs natural text), the attention per
+  // relative offset as small bars, then the cache stage's statistics; any other numeric
+  // column of head_types is listed too, so new template scores show without a change.
   const bars = (obj, skip) => Object.entries(obj).filter(([k, v]) => isNum(v) && !skip.includes(k)).map(([k, v]) =>
     el("tr", {}, el("td", {}, k), el("td", { class: "num" }, fmt(v)),
       el("td", {}, v >= 0 && v <= 1 ? el("span", { class: "hbar", style: { width: Math.round(v * 120) + "px" } }) : "")));
-  const classCard = el("div", { class: "card", id: "class" }, el("h3", {}, "Class and attention statistics"),
-    T.head_class ? el("div", {}, el("b", {}, classLabel(T.head_class)), ` (class score ${fmt(T.class_score, 2)})`,
-      T.second_class ? `, second: ${classLabel(T.second_class)}` : "") : el("div", { class: "muted" }, "no head class in this run"),
-    el("table", { class: "kv" }, bars(T, ["class_score"]), bars(H.stats || {}, ["n_events"])));
+  const bar = (v) => isNum(v) ? [fmt(v, 2), " ", el("span", { class: "hbar", style: { width: Math.round(Math.max(0, Math.min(1, v)) * 60) + "px" } })] : "–";
+  const TEMPLATES = [["previous token", "syn_prev", "nat_prev"], ["duplicate token", "syn_duplicate", "nat_duplicate"],
+    ["induction", "syn_induction", "nat_induction"], ["self", "syn_self", "nat_self"], ["first token (BOS)", "syn_bos", "nat_bos"]];
+  const classCard = el("div", { class: "card", id: "class" }, el("h3", {}, "Class and attention statistics"));
+  const seenT = new Set(["class_score"]);
+  if (T.head_class) {
+    classCard.append(el("div", {}, el("b", {}, classLabel(T.head_class)), ` (class score ${fmt(T.class_score, 2)})`,
+      T.second_class ? `, second: ${classLabel(T.second_class)}` : ""));
+    const rows = TEMPLATES.filter(([, a, b]) => isNum(T[a]) || isNum(T[b]));
+    rows.forEach(([, a, b]) => { seenT.add(a); seenT.add(b); });
+    if (rows.length) classCard.append(el("table", { class: "kv small", style: { marginTop: "6px" } },
+      el("tr", {}, el("th", {}, "attention on…"), el("th", {}, "synthetic repeats"), el("th", {}, "natural text")),
+      rows.map(([label, a, b]) => el("tr", {}, el("td", {}, label), el("td", {}, bar(T[a])), el("td", {}, bar(T[b]))))));
+    const offs = Object.keys(T).filter((k) => /^offset_\d+$/.test(k) && isNum(T[k]));
+    offs.forEach((k) => seenT.add(k));
+    if (offs.length) {
+      const top = Math.max(1e-9, ...offs.map((k) => T[k]));
+      classCard.append(el("div", { class: "muted small", style: { marginTop: "8px" } }, `mean attention by relative offset (natural text; tallest bar = ${fmt(top, 2)})`),
+        el("div", { class: "offsets" }, offs.map((k) => tipOn(el("div", { class: "ob" },
+          el("div", { class: "obar", style: { height: Math.round(36 * T[k] / top) + 2 + "px" } }), el("div", { class: "olab" }, k.slice(7))),
+          () => [["m", `offset ${k.slice(7)}: mean attention ${fmt(T[k])}`]]))));
+    }
+    const restT = Object.entries(T).filter(([k, v]) => !seenT.has(k) && isNum(v));
+    if (restT.length) classCard.append(pairsTable(restT));
+  } else classCard.append(el("div", { class: "muted" }, "no head class in this run"));
+  if (H.stats) classCard.append(el("div", { class: "muted small", style: { marginTop: "8px" } }, "cache stage (write norm, natural text)"),
+    pairsTable(Object.entries(H.stats).filter(([, v]) => isNum(v))));
+  function pairsTable(entries) {
+    const rows = [];
+    for (let i = 0; i < entries.length; i += 2) rows.push(entries.slice(i, i + 2));
+    return el("table", { class: "kv small" }, rows.map((pair) => el("tr", {}, pair.map(([k, v]) =>
+      [el("td", {}, k), el("td", { class: "num" }, Number.isInteger(v) ? String(v) : fmt(v))]))));
+  }
 
   // ---- evidence card: offset/template shares as bars, frequent tokens and pairs as
   // tables (top_X with top_X_count / top_X_lift), any other field as key: value

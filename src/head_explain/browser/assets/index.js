@@ -54,6 +54,7 @@
       "cluster " + h.cluster + ": " + (clusterLabel[h.cluster] || "")]);
     if (h.stats && !h.type) L.push(["m", "prev-token " + fmt(h.stats.prev_token, 2) + " · BOS " + fmt(h.stats.bos_frac, 2)]);
     if (h.explanation) L.push(["", "“" + h.explanation + "”"]);
+    if (h.explain_error) L.push(["m", "explain failed: " + h.explain_error]);
     if (h.page) L.push(["m", "click to open the head page"]);
     return L;
   }
@@ -159,7 +160,7 @@
       const v = get(h);
       if (k === "name") return el("td", { class: "mono" }, el("a", { href: h.page }, h.name));
       if (k === "class") return el("td", {}, v ? el("span", {}, el("span", { class: "sw", style: { background: classColor(v) } }), " ", classLabel(v)) : "");
-      if (k === "explanation") return el("td", {}, v);
+      if (k === "explanation") return el("td", {}, v || (h.explain_error ? el("span", { class: "muted" }, "explain failed: " + h.explain_error) : ""));
       if (k === "cluster") return el("td", {}, v === null ? "" : v < 0 ? "noise" : "c" + v);
       return el("td", { class: "num" }, k === "lift" ? signed(v) : fmt(v));
     })));
