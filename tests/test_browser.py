@@ -109,7 +109,7 @@ def test_excerpt_rows_align_sources_and_simulated_values():
               excerpt_acts=[0.1, 0.5, 2.0, 0.0], src_pos=[11, 3, 12], src_attn=[0.6, 0.3, 0.1],
               act_norm=10.0)]
     )  # fmt: skip
-    rows = excerpt_rows(ev, 2.0, {"score_top:0": [1.0, float("nan"), 9.0, 0.0]})
+    rows = excerpt_rows(ev, {"score_top:0": [1.0, float("nan"), 9.0, 0.0]})
     (r,) = rows
     assert r["srcs"] == [{"i": 1, "w": 0.6}, {"i": 2, "w": 0.1}] and r["srcs_before"] == 1
     assert r["sim"] == [1.0, None, 9.0, 0.0] and r["key"] == "score_top:0"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from head_explain.browser.data import explanations_by_head, head_data, index_data
+from head_explain.browser.data import explanations_by_head, head_data, index_data, lookups
 from head_explain.browser.inputs import load_inputs, model_name
 from head_explain.browser.page import render_page
 from head_explain.heads import head_name
@@ -47,9 +47,10 @@ def build_browser(inputs: dict[str, Any]) -> dict[str, str]:
     index = index_data(inputs, pages)
     model = index["model"] or "model"
     files = {"index.html": render_page(f"Heads of {model}", "index", index)}
+    look = lookups(inputs)
     for entry in index["heads"]:
         if entry["name"] in pages:
-            data = head_data(inputs, entry, index)
+            data = head_data(inputs, entry, index, look)
             files[f"heads/{entry['name']}.html"] = render_page(
                 f"{entry['name']} · {model}", "head", data
             )

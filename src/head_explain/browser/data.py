@@ -152,7 +152,7 @@ def _sim_lookup(score_row: dict | None) -> dict[str, list]:
     return {str(k): _as_list(s) for k, s in zip(keys, sims, strict=False) if s is not None}
 
 
-def excerpt_rows(events: pd.DataFrame, amax: float, sims: dict[str, list]) -> list[dict]:
+def excerpt_rows(events: pd.DataFrame, sims: dict[str, list]) -> list[dict]:
     """The head's events as token rows: text, true act, dest, sources with attention."""
     out = []
     events = events.assign(_o=events["split"].map(SPLIT_ORDER).fillna(9))
@@ -206,31 +206,36 @@ def neighbours(vectors: dict[str, np.ndarray] | None, name: str, k: int = N_NEIG
     return [{"name": names[i], "cos": round(float(sim[i]), 3)} for i in order]
 
 
-def head_data(inputs: dict[str, Any], entry: dict, index: dict) -> dict[str, Any]:
-    """What one head page embeds; `entry` is the head's index entry."""
-    layer, head, name = entry["layer"], entry["head"], entry["name"]
+def lookups(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Per-head indexes of the inputs, built once for all head pages."""
     events = inputs.get("events")
-    ev = (
-        events[(events["layer"] == layer) & (events["head"] == head)]
-        if events is not None
-        else None
-    )
-    score_row = _rows_by_head(inputs.get("scores")).get((layer, head))
+    by_head = {}
+    if events is not None and len(events):
+        by_head = {(int(a), int(b)): g for (a, b), g in events.groupby(["layer", "head"])}
+    return {
+        "events": by_head,
+        "scores": _rows_by_head(inputs.get("scores")),
+        "evidence": _rows_by_head(inputs.get("evidence")),
+        "explanations": explanations_by_head(inputs.get("explanations")),
+        "clusters": {int(c["id"]): c for c in (inputs.get("clusters") or {}).get("clusters", [])},
+    }
+
+
+def head_data(inputs: dict[str, Any], entry: dict, index: dict, look: dict) -> dict[str, Any]:
+    """What one head page embeds; `entry` is the head's index entry, `look` lookups()."""
+    layer, head, name = entry["layer"], entry["head"], entry["name"]
+    ev = look["events"].get((layer, head))
+    score_row = look["scores"].get((layer, head))
     stats = entry.get("stats") or {}
     amax = stats.get("max_act")
     if ev is not None and len(ev):
         seen = max((float(np.max(a)) for a in ev["excerpt_acts"] if len(a)), default=0.0)
         amax = max(float(amax or 0.0), seen)
-    expl = [
-        _scalars(r, _KEY_COLS | {"raw"})
-        for r in explanations_by_head(inputs.get("explanations")).get((layer, head), [])
-    ]
-    evidence = _rows_by_head(inputs.get("evidence")).get((layer, head))
+    expl = [_scalars(r, _KEY_COLS | {"raw"}) for r in look["explanations"].get((layer, head), [])]
+    evidence = look["evidence"].get((layer, head))
     cid = entry.get("cluster")
-    cluster = None
-    for c in (inputs.get("clusters") or {}).get("clusters", []):
-        if int(c["id"]) == cid:
-            cluster = {k: c.get(k) for k in ("id", "label", "size", "mean_score", "members")}
+    c = look["clusters"].get(cid) if cid is not None else None
+    cluster = {k: c.get(k) for k in ("id", "label", "size", "mean_score", "members")} if c else None
     summaries = {h["name"]: h.get("explanation", "") for h in index["heads"]}
     near = neighbours(inputs.get("embeddings"), name)
     for n in near:
@@ -239,7 +244,7 @@ def head_data(inputs: dict[str, Any], entry: dict, index: dict) -> dict[str, Any
     return {
         "model": index["model"], "head": entry, "amax": amax, "explanations": expl,
         "evidence": {k: v for k, v in (evidence or {}).items() if k not in _KEY_COLS},
-        "excerpts": excerpt_rows(ev, amax or 1.0, _sim_lookup(score_row)) if ev is not None else [],
+        "excerpts": excerpt_rows(ev, _sim_lookup(score_row)) if ev is not None else [],
         "pattern": pattern_for(inputs.get("patterns"), layer, head), "cluster": cluster,
         "noise": cid == -1, "neighbours": near,
     }  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from head_explain.artifacts import read_jsonl, read_parquet
+from head_explain.artifacts import read_jsonl, read_meta, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,6 @@ def load_inputs(outdir: str | Path) -> dict[str, Any]:
         inputs[key] = _parquet(outdir / name)
         if inputs[key] is not None:
             try:
-                from head_explain.artifacts import read_meta
-
                 inputs["meta"][key] = read_meta(outdir / name)
             except Exception:  # metadata is a nicety here
                 inputs["meta"][key] = {}
