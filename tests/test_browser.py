@@ -40,8 +40,9 @@ def test_script_json_is_inert_in_a_script_block_and_round_trips():
 
 
 def test_clean_rounds_and_nulls_non_finite_numbers():
-    got = clean({"a": np.float32(0.123456), "b": float("nan"), "c": np.arange(2), "d": [math.inf]})
-    assert got == {"a": 0.1235, "b": None, "c": [0, 1], "d": [None]}
+    got = clean({"a": np.float32(0.123456), "b": float("nan"), "c": np.arange(2), "d": [math.inf],
+                 "e": pd.NA, "f": np.bool_(True), 3: "x"})  # fmt: skip
+    assert got == {"a": 0.1235, "b": None, "c": [0, 1], "d": [None], "e": None, "f": True, "3": "x"}
 
 
 def test_page_admits_only_its_own_script_by_hash():
@@ -257,3 +258,16 @@ def test_head_page_in_chromium(built_browser, chromium_binary, tmp_path):
     finally:
         b.close()
     assert (tmp_path / "head.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_cache_still_gets_its_grid(tiny_artifacts, tmp_path):
+    out = tmp_path / "outputs"
+    shutil.copytree(tiny_artifacts, out)
+    (out / "events.parquet").unlink()
+    (out / "head_stats.parquet").write_text("not parquet")  # unreadable: skipped, not fatal
+    metrics = render_to(out, neighbours=False)
+    assert metrics["browser_head_pages"] == 0
+    html = (out / "browser" / "index.html").read_text()
+    data = json.loads(re.search(r'id="data">(.*?)</script>', html, re.S).group(1))
+    assert (data["n_layers"], data["n_heads"]) == (30, 9)  # from the cache stage's metrics

@@ -19,6 +19,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+import pandas as pd
+
 _JSON_ESCAPES = {
     "<": "\\u003c",
     ">": "\\u003e",
@@ -40,6 +42,8 @@ def clean(obj: Any, digits: int = 4) -> Any:
         return obj
     if isinstance(obj, float):
         return round(obj, digits) if math.isfinite(obj) else None
+    if obj is pd.NA or obj is pd.NaT:
+        return None
     if hasattr(obj, "item"):
         return clean(obj.item(), digits)
     return str(obj)
