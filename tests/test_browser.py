@@ -271,3 +271,35 @@ def test_a_run_stopped_after_cache_still_gets_its_grid(tiny_artifacts, tmp_path)
     html = (out / "browser" / "index.html").read_text()
     data = json.loads(re.search(r'id="data">(.*?)</script>', html, re.S).group(1))
     assert (data["n_layers"], data["n_heads"]) == (30, 9)  # from the cache stage's metrics
+
+
+@pytest.mark.slow
+def test_excerpt_patterns_match_hf_eager_attentions(smol_bridge, smol_tokenizer):
+    """The heat map's rows equal HF eager `output_attentions`, not our own hooks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from head_explain.browser.patterns import excerpt_patterns
+    from head_explain.models import bundled_hf_dir
+
+    texts = ["The cat sat on the mat. The cat sat on the mat again, and the dog",
+             "def f(x):\n    return (x + 1) * (x - 1)\n\nprint(f(3), f(4))"]  # fmt: skip
+    tokens = [[smol_tokenizer.bos_token_id, *smol_tokenizer(t).input_ids[:15]] for t in texts]
+    windows = pd.DataFrame({"window_id": [10, 11], "tokens": tokens})
+    ev = dict(split="explain", excerpt_start=3, excerpt_end=14)
+    events = pd.DataFrame([
+        dict(layer=3, head=2, window_id=10, rank=0, **ev),
+        dict(layer=3, head=2, window_id=11, rank=1, **ev),  # not the first: not drawn
+        dict(layer=17, head=5, window_id=11, rank=0, **ev),
+        dict(layer=17, head=5, window_id=10, rank=0, **(ev | {"split": "score_top"})),
+    ])  # fmt: skip
+    got = excerpt_patterns(smol_bridge, windows, events, batch_size=1)
+    assert [(r.layer, r.head, r.window_id) for r in got.itertuples()] == [(3, 2, 10), (17, 5, 11)]
+    hf = AutoModelForCausalLM.from_pretrained(
+        bundled_hf_dir(), attn_implementation="eager", dtype=torch.float32
+    )
+    with torch.no_grad():
+        att = hf(torch.tensor(tokens), output_attentions=True).attentions
+    for r in got.itertuples():
+        ref = att[r.layer][r.window_id - 10, r.head, 3:14, 3:14].numpy()
+        np.testing.assert_allclose(np.stack(r.rows), ref, atol=2e-4)
