@@ -124,9 +124,29 @@
       rows.map(([col, label, n]) => el("div", { class: "row" }, el("span", { class: "sw", style: { background: col } }),
         label, el("span", { class: "muted small" }, "(" + n + ")"))));
   }
+  // Means over the heads that have both numbers, so each pair compares like with like.
+  function paired(a, b) {
+    const hs = HEADS.filter((h) => h.scores && h.scores[a] != null && h.scores[b] != null);
+    const mean = (k) => hs.reduce((t, h) => t + h.scores[k], 0) / hs.length;
+    return hs.length ? [hs.length, mean(a), mean(b), hs.filter((h) => h.scores[a] > h.scores[b]).length] : null;
+  }
+  function summary() {
+    const rows = [["simulation r vs shuffled explanation", "score", "baseline_score"],
+      ["pair AUC (easy) vs best template", "pair_auc_easy", "template_auc_easy"],
+      ["pair AUC (easy) vs shuffled explanation", "pair_auc_easy", "shuffled_auc_easy"],
+      ["pair AUC (hard) vs best template", "pair_auc_hard", "template_auc_hard"]]
+      .map(([label, a, b]) => [label, paired(a, b)]).filter(([, p]) => p);
+    if (!rows.length) return null;
+    return el("table", { class: "kv small" }, el("tr", {}, el("th", {}, "mean over heads with both"),
+      el("th", { class: "num" }, "n"), el("th", { class: "num" }, "expl."), el("th", { class: "num" }, "base"), el("th", { class: "num" }, "expl. wins")),
+      rows.map(([label, [n, a, b, wins]]) => el("tr", {}, el("td", {}, label), el("td", { class: "num" }, String(n)),
+        el("td", { class: "num" }, fmt(a)), el("td", { class: "num" }, fmt(b)), el("td", { class: "num" }, `${wins}/${n}`))));
+  }
   function renderSide() {
+    const sum = summary();
     const parts = [el("h3", {}, "Legend"), legend(), el("div", { class: "note" },
-      "Outlined cells have a head page; hatched cells have no value for this colouring.")];
+      "Outlined cells have a head page; hatched cells have no value for this colouring."),
+      sum ? [el("h3", {}, "Run summary"), sum] : null];
     const h = state.sel;
     if (h) {
       parts.push(el("h3", {}, h.name));
