@@ -217,6 +217,8 @@ def test_index_in_chromium(built_browser, chromium_binary, tmp_path):
         b.eval("const s = document.getElementById('search'); s.value = 'attends to the previous';"
                "s.dispatchEvent(new Event('input'))")  # fmt: skip
         assert b.eval("document.getElementById('count').textContent").startswith("2 of 270")
+        text = b.eval("document.body.innerText")
+        assert "[object " not in text and "undefined" not in text and "NaN" not in text
         b.screenshot(tmp_path / "index.png")
         assert b.eval("document.querySelectorAll('img').length") == 0
         assert b.eval("document.scripts.length") == 2
@@ -244,6 +246,7 @@ def test_head_page_in_chromium(built_browser, chromium_binary, tmp_path):
         text = b.eval("document.body.innerText")
         for s in INJECTIONS[:4]:
             assert s in text  # shown as text, in tokens and explanations alike
+        assert "[object " not in text and "undefined" not in text and "NaN" not in text
         b.hover(".excerpt .tok.dest")
         tip = b.eval("document.getElementById('tip').innerText")
         assert re.search(r"activation \d+\.\d{3}", tip) and "reads:" in tip

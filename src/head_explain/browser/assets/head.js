@@ -24,17 +24,18 @@
     main ? el("div", { class: "expl" }, main.explanation) : el("div", { class: "expl none" }, "no explanation for this head"),
     S.template_sentence ? el("div", { class: "note" }, "best template: ", el("span", { class: "mono" }, S.template_sentence)) : null);
   if (runs.length) {
+    // One block per run: what produced it, then (when it differs from the text shown
+    // above) the text, and for grounded prompts the measured clause and the model's part.
     const EXTRA = { template_clause: "measured clause", model_completion: "model's part" };
-    const extra = (r) => Object.entries(r).filter(([k, v]) => /template|clause|prefix|completion$/.test(k) && typeof v === "string" && v && v !== r.explanation);
-    explCard.append(el("table", { class: "list small" },
-      el("tr", {}, ["prompt", "explainer", "explanation", "tokens", "latency"].map((x) => el("th", {}, x))),
-      runs.map((r) => el("tr", {},
-        el("td", { class: "mono" }, (r.prompt_version || "?") + (r.prompt_sha ? " " + String(r.prompt_sha).slice(0, 7) : "")),
-        el("td", {}, r.explainer_model || ""),
-        el("td", {}, r.error ? el("span", { class: "err" }, "error: " + r.error) : (r.explanation || ""),
-          extra(r).map(([k, v]) => el("div", { class: "muted" }, (EXTRA[k] || k) + ": " + v))),
-        el("td", { class: "num" }, (r.prompt_tokens ?? "") + "/" + (r.completion_tokens ?? "")),
-        el("td", { class: "num" }, fmt(r.latency_s, 2) + " s")))));
+    const extra = (r) => Object.entries(r).filter(([k, v]) => /template|clause|prefix|completion$/.test(k) && typeof v === "string" && v && v !== r.explanation)
+      .sort(([a], [b]) => (a in EXTRA ? Object.keys(EXTRA).indexOf(a) : 9) - (b in EXTRA ? Object.keys(EXTRA).indexOf(b) : 9));
+    explCard.append(el("h3", {}, runs.length > 1 ? `Runs (${runs.length})` : "Run"), ...runs.map((r) => el("div", { class: "run" },
+      el("div", { class: "muted small" }, el("span", { class: "mono" }, (r.prompt_version || "?") + (r.prompt_sha ? " " + String(r.prompt_sha).slice(0, 7) : "")),
+        ` · ${r.explainer_model || "?"} · ${r.prompt_tokens ?? "?"} prompt + ${r.completion_tokens ?? "?"} completion tokens · ${fmt(r.latency_s, 1)} s` +
+        (r.cost_usd ? ` · $${fmt(r.cost_usd, 4)}` : "")),
+      r.error ? el("div", { class: "err small" }, "error: " + r.error)
+        : (r !== main && r.explanation ? el("div", {}, r.explanation) : null),
+      extra(r).map(([k, v]) => el("div", { class: "small" }, el("span", { class: "muted" }, (EXTRA[k] || k) + ": "), v)))));
   }
 
   // ---- scores card: explanation vs shuffled explanation vs template, and the lift
@@ -104,21 +105,27 @@
   const evKeys = Object.keys(EV);
   if (!evKeys.length) evCard.append(el("div", { class: "muted" }, "no evidence artifact in this run"));
   const used = new Set(["head_class", "class_score", "second_class"]);
+  const SHARE_LABEL = { share_offset_0: "the token itself (offset 0)", share_offset_1: "the previous token (1)",
+    share_offset_far: "further back", share_bos: "the first token (BOS)", share_dup: "an earlier copy of it",
+    share_induction: "the token after an earlier copy" };
+  for (let k = 2; k < 10; k++) SHARE_LABEL["share_offset_" + k] = `${k} tokens back`;
+  const freqBox = el("div", { class: "freq" });
   const shares = evKeys.filter((k) => k.startsWith("share_") && (EV[k] === null || isNum(EV[k])));
   if (shares.length) {
     shares.forEach((k) => used.add(k));
     evCard.append(el("div", { class: "muted small" }, "share of top events whose main source is…"),
-      el("table", { class: "kv" }, bars(Object.fromEntries(shares.map((k) => [k.replace(/^share_/, ""), EV[k]])), [])));
+      el("table", { class: "kv small" }, bars(Object.fromEntries(shares.map((k) => [SHARE_LABEL[k] || k.replace(/^share_/, ""), EV[k]])), [])));
   }
   const freq = evKeys.filter((k) => Array.isArray(EV[k]) && !/_(count|lift)$/.test(k));
   for (const k of freq) {
     used.add(k); used.add(k + "_count"); used.add(k + "_lift");
     const cnt = EV[k + "_count"] || [], lift = EV[k + "_lift"] || [];
-    evCard.append(el("div", { class: "muted small", style: { marginTop: "8px" } }, k.replace(/_/g, " ")),
+    freqBox.append(el("div", {}, el("div", { class: "muted small", style: { marginTop: "8px" } }, k.replace(/^top_/, "frequent ").replace(/_/g, " ").replace(/dest$/, "destinations").replace(/src$/, "sources").replace(/pair$/, "pairs (destination -> source)")),
       el("table", { class: "kv small" }, el("tr", {}, el("th", {}, ""), el("th", { class: "num" }, "count"), el("th", { class: "num" }, "lift")),
         EV[k].slice(0, 8).map((t, i) => el("tr", {}, el("td", { class: "mono" }, showTok(String(t))),
-          el("td", { class: "num" }, cnt[i] ?? ""), el("td", { class: "num" }, lift[i] == null ? "" : fmt(lift[i], 1) + "×")))));
+          el("td", { class: "num" }, cnt[i] ?? ""), el("td", { class: "num" }, lift[i] == null ? "" : (lift[i] >= 100 ? Math.round(lift[i]).toLocaleString("en") : fmt(lift[i], 1)) + "×"))))));
   }
+  if (freq.length) evCard.append(freqBox);
   const rest = evKeys.filter((k) => !used.has(k));
   if (rest.length) evCard.append(el("table", { class: "kv small", style: { marginTop: "8px" } },
     rest.map((k) => el("tr", {}, el("td", {}, k), el("td", { class: "num" },
