@@ -44,6 +44,7 @@ class Excerpt:
     split: str  # score_top | score_random
     tokens: list[str]
     true: np.ndarray
+    rank: int = -1
 
 
 def build_echo_prompt(
@@ -261,9 +262,20 @@ def pooled_scores(excerpts: list[Excerpt], preds: list[np.ndarray | None]) -> di
 def head_excerpts(events: pd.DataFrame) -> list[Excerpt]:
     sc = events[events["split"].isin(["score_top", "score_random"])].sort_values(["split", "rank"])
     return [
-        Excerpt(r.split, list(r.excerpt_tokens), np.asarray(r.excerpt_acts, dtype=float))
+        Excerpt(
+            r.split, list(r.excerpt_tokens), np.asarray(r.excerpt_acts, dtype=float), int(r.rank)
+        )
         for r in sc.itertuples(index=False)
     ]
+
+
+def simulated_columns(excerpts: list[Excerpt], preds: list[np.ndarray | None]) -> dict:
+    """sim_events ('split:rank' of each scoring event) and sim_acts (its simulated values,
+    0-10, None for a failed excerpt): kept so the browser can show true vs simulated."""
+    return {
+        "sim_events": [f"{ex.split}:{ex.rank}" for ex in excerpts],
+        "sim_acts": [None if p is None else np.round(p, 3).tolist() for p in preds],
+    }
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -286,7 +298,7 @@ async def score_head(
         layer=layer, head=head, score=math.nan, score_top=math.nan, score_random=math.nan,
         baseline_score=math.nan, baseline_from=baseline_from, method=method,
         simulator_model=backend.model, n_tokens=int(sum(len(e.tokens) for e in excerpts)),
-        n_failed=0, error=None, baseline_error=None,
+        n_failed=0, error=None, baseline_error=None, sim_events=[], sim_acts=[],
     )  # fmt: skip
     if not explanation:
         row["error"] = "no explanation to score"
@@ -306,6 +318,7 @@ async def score_head(
         )
         row["baseline_score"] = pooled_scores(excerpts, base_preds)["score"]
     row.update(pooled_scores(excerpts, preds))
+    row.update(simulated_columns(excerpts, preds))
     failed_slots = sum(int(np.isnan(p).sum()) for p in preds if p is not None)
     row["n_failed"] = sum(p is None or bool(np.isnan(p).any()) for p in preds)  # excerpts
     if errs:
