@@ -10,7 +10,10 @@ on purpose.
 
 from __future__ import annotations
 
-STAGES = ("sample", "head_types", "cache", "select", "explain", "simulate", "cluster", "report")
+STAGES = (
+    "sample", "head_types", "cache", "select", "explain", "simulate", "cluster", "browser",
+    "report",
+)  # fmt: skip
 
 # The stage's DVC entry script (select_events.py: a script named select.py would shadow
 # the stdlib `select` module that DVC itself imports).
@@ -45,6 +48,9 @@ STAGE_PARAMS: dict[str, list[str]] = {
         "seed", "max_failed_fraction",
     ],
     "cluster": ["embedding_model", "min_cluster_size"],
+    # the browser re-reads one excerpt's attention rows with the subject model, and
+    # embeds explanations for nearest heads
+    "browser": ["model", "device", "dtype", "embedding_model"],
     "report": ["mlflow_experiment"],
 }  # fmt: skip
 
@@ -60,9 +66,13 @@ INPUTS: dict[str, list[str]] = {
     "explain": ["events.parquet", "evidence.parquet"],
     "simulate": ["events.parquet", "evidence.parquet", "explanations.jsonl"],
     "cluster": ["explanations.jsonl", "scores.parquet"],
+    "browser": [
+        "windows.parquet", "head_types.parquet", "head_stats.parquet", "events.parquet",
+        "evidence.parquet", "explanations.jsonl", "scores.parquet", "clusters.json",
+    ],
     "report": [
         "events.parquet", "explanations.jsonl", "scores.parquet", "head_stats.parquet",
-        "clusters.json",
+        "clusters.json", "browser",
     ],
 }  # fmt: skip
 
@@ -74,6 +84,7 @@ OUTPUTS: dict[str, list[str]] = {
     "explain": ["explanations.jsonl"],
     "simulate": ["scores.parquet"],
     "cluster": ["clusters.json"],
+    "browser": ["browser"],
     "report": ["report.md", "summary.csv", "metrics.json", "mlflow_run.json"],
 }
 

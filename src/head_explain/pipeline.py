@@ -15,6 +15,7 @@ from head_explain.errors import ArtifactError
 from head_explain.graph import OUTPUTS, STAGE_PARAMS, STAGES
 from head_explain.locks import outdir_lock
 from head_explain.runners import (
+    browser,
     cache,
     cluster,
     explain,
@@ -32,7 +33,7 @@ __all__ = ["OUTPUTS", "RUNNERS", "STAGES", "STAGE_PARAMS", "run", "run_one"]
 
 RUNNERS: dict[str, ModuleType] = {
     "sample": sample, "head_types": head_types, "cache": cache, "select": select, "explain": explain,
-    "simulate": simulate, "cluster": cluster, "report": report,
+    "simulate": simulate, "cluster": cluster, "browser": browser, "report": report,
 }  # fmt: skip
 
 

@@ -156,6 +156,7 @@ def render_markdown(cfg: Any, ctx: dict, summary: pd.DataFrame, wall: dict, pair
         .get_template("report.md.j2")
         .render(
             settings=_settings(cfg, ctx),
+            has_browser=(Path(cfg.outdir) / "browser" / "index.html").exists(),
             llm_rows=_llm_rows(ctx["stage_metrics"]),
             wall_rows=_wall_rows(wall),
             dist_rows=_dist_rows(summary),

@@ -228,6 +228,8 @@ def _log_run(cfg: Any, outdir: Path, metrics: dict) -> str:
                 client.log_artifact(run_id, str(outdir / name))
         if (outdir / "plots").is_dir():
             client.log_artifacts(run_id, str(outdir / "plots"), artifact_path="plots")
+        if (outdir / "browser").is_dir():  # the head browser opens from the artifact view
+            client.log_artifacts(run_id, str(outdir / "browser"), artifact_path="browser")
         log_heads_table(client, run_id, outdir)
         n_traces = _log_traces(client, uri, exp_id, run_id, outdir)
         log.info("mlflow: heads table and %d LLM call trace(s) logged", n_traces)
