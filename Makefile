@@ -41,6 +41,7 @@ demo: $(VENV)/.installed
 	@echo "Artifacts in outputs/:"; ls -1 outputs
 	@echo
 	@echo "Report:      $(CURDIR)/outputs/report.md"
+	@echo "Browser:     file://$(CURDIR)/outputs/browser/index.html   (every head; opens offline)"
 	@echo "Metrics:     $(BIN)/dvc metrics show   (the headline: outputs/metrics.json)"
 	@echo "Experiments: $(BIN)/$(EXP_SHOW)"
 	@echo "Plots:       $(BIN)/dvc plots show   (or: dvc plots diff <exp>)"
