@@ -2,7 +2,8 @@
 
 The cache stage keeps only each event's few strongest sources, so the full rows of an
 excerpt's pattern are recomputed here: the windows holding each head's first explain
-excerpt go through the model in batches, stopped after the last layer needed. Tiny next to the cache
+excerpt go through the model in batches, cut after the excerpt and stopped after the
+last layer needed. Tiny next to the cache
 stage (one window per head) and deterministic, so any stage holding a bridge, windows
 and events can call it; its result has the columns of `attention_patterns.parquet`.
 """
@@ -40,7 +41,10 @@ def excerpt_patterns(
     chosen = pattern_events(events)
     tokens_of = dict(zip(windows["window_id"], windows["tokens"], strict=True))
     device = next(bridge.parameters()).device
-    wids = sorted({int(w) for w in chosen["window_id"]})
+    # Causal attention: rows up to an excerpt's end need no later token, so each window
+    # is cut after its last excerpt, and windows of similar length are batched together.
+    need = chosen.groupby("window_id")["excerpt_end"].max().astype(int).to_dict()
+    wids = sorted(need, key=lambda w: (need[w], w))
     layers = sorted({int(x) for x in chosen["layer"]})
     stop = max(layers) + 1 if layers else 0
     kwargs = {"stop_at_layer": stop} if stop < bridge.cfg.n_layers else {}
@@ -56,7 +60,9 @@ def excerpt_patterns(
                 grabbed[int(hook.name.split(".")[1])] = tensor.detach().float().cpu()
 
             hooks = [(f"blocks.{layer}.attn.hook_pattern", keep) for layer in layers]
-            tok = torch.as_tensor(np.stack([np.array(tokens_of[w]) for w in batch]), device=device)
+            cut = max(need[w] for w in batch)
+            rows = np.stack([np.asarray(tokens_of[w])[:cut] for w in batch])
+            tok = torch.as_tensor(rows, device=device)
             bridge.run_with_hooks(tok.long(), fwd_hooks=hooks, return_type=None, **kwargs)
             for r in chosen[chosen["window_id"].isin(batch)].itertuples(index=False):
                 s, e = int(r.excerpt_start), int(r.excerpt_end)

@@ -129,7 +129,7 @@
   const rest = evKeys.filter((k) => !used.has(k));
   if (rest.length) evCard.append(el("table", { class: "kv small", style: { marginTop: "8px" } },
     rest.map((k) => el("tr", {}, el("td", {}, k), el("td", { class: "num" },
-      isNum(EV[k]) ? fmt(EV[k]) : EV[k] === null ? "n/a" : typeof EV[k] === "object" ? JSON.stringify(EV[k]) : String(EV[k]))))));
+      isNum(EV[k]) ? (Number.isInteger(EV[k]) ? String(EV[k]) : fmt(EV[k])) : EV[k] === null ? "n/a" : typeof EV[k] === "object" ? JSON.stringify(EV[k]) : String(EV[k]))))));
   app.append(el("div", { class: "cards" }, explCard, scoreCard, classCard, evCard));
 
   // ---- excerpts: token heat = write norm, sources underlined, simulated row below

@@ -179,7 +179,7 @@
     const body = rows.map((h) => el("tr", {}, COLS.map(([k, , get]) => {
       const v = get(h);
       if (k === "name") return el("td", { class: "mono" }, el("a", { href: h.page }, h.name));
-      if (k === "class") return el("td", {}, v ? el("span", {}, el("span", { class: "sw", style: { background: classColor(v) } }), " ", classLabel(v)) : "");
+      if (k === "class") return el("td", { style: { whiteSpace: "nowrap" } }, v ? el("span", {}, el("span", { class: "sw", style: { background: classColor(v) } }), " ", classLabel(v)) : "");
       if (k === "explanation") return el("td", {}, v || (h.explain_error ? el("span", { class: "muted" }, "explain failed: " + h.explain_error) : ""));
       if (k === "cluster") return el("td", {}, v === null ? "" : v < 0 ? "noise" : "c" + v);
       return el("td", { class: "num" }, k === "lift" ? signed(v) : fmt(v));
