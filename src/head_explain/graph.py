@@ -127,5 +127,6 @@ UNCACHED: dict[str, list[str]] = {
 DATA_FILES: dict[str, list[str]] = {
     "explain": ["prompts/explain_*.txt"],
     "simulate": ["prompts/simulate_*.txt", "prompts/pairs_*.txt"],
+    "browser": ["browser/assets/*"],
     "report": ["templates/*.j2"],
 }
