@@ -61,7 +61,10 @@ OUTPUTS: dict[str, list[str]] = {
     "explain": ["explanations.jsonl"],
     "simulate": ["scores.parquet"],
     "cluster": ["clusters.json"],
-    "report": ["report.md", "summary.csv", "metrics.json", "mlflow_run.json"],
+    "report": [
+        "report.md", "summary.csv", "metrics.json", "mlflow_run.json", "plots/score_map.png",
+        "plots/score_hist.png",
+    ],
 }
 
 # The one DVC metrics file: the headline of a run (`dvc exp show`, `dvc metrics diff`).
@@ -86,14 +89,13 @@ PLOTS: dict[str, tuple[str, list[str], str, str]] = {
     "layer_means.csv": ("layer", ["score", "baseline"], "linear", "Per-layer mean score"),
 }  # fmt: skip
 
-# Outputs DVC keeps out of its cache (small, rewritten every run, or read by DVC itself;
-# the plot data is committed to git with metrics.json so `dvc plots diff` sees it).
+# Outputs DVC keeps out of its cache (small, rewritten every run, read by DVC itself).
+# Every uncached output must be in git (.gitignore lets outputs/metrics/ and plot_data/
+# through): a queued experiment runs in a fresh checkout, where a missing uncached output
+# would make its stage rerun from scratch.
 UNCACHED: dict[str, list[str]] = {
-    "report": [
-        "plots/score_map.png", "plots/score_hist.png",
-        *[f"{PLOT_DATA}/{name}" for name in PLOTS],
-    ],
-}  # fmt: skip
+    "report": [f"{PLOT_DATA}/{name}" for name in PLOTS],
+}
 
 # Non-Python files of the package a stage reads (prompt templates), as globs under
 # src/head_explain: every shipped version is a dep, since a param picks among them.
