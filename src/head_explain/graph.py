@@ -62,7 +62,11 @@ OUTPUTS: dict[str, list[str]] = {
     "simulate": ["scores.parquet"],
     "cluster": ["clusters.json"],
     "report": [
-        "report.md", "summary.csv", "metrics.json", "mlflow_run.json", "plots/score_map.png",
+        "report.md",
+        "summary.csv",
+        "metrics.json",
+        "mlflow_run.json",
+        "plots/score_map.png",
         "plots/score_hist.png",
     ],
 }
