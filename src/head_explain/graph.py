@@ -81,11 +81,20 @@ OUTPUTS: dict[str, list[str]] = {
     "head_types": ["head_types.parquet"],
     "cache": ["raw_events.parquet", "head_stats.parquet", "activations.parquet", "pairs.parquet"],
     "select": ["events.parquet", "evidence.parquet"],
-    "explain": ["explanations.jsonl"],
-    "simulate": ["scores.parquet"],
+    # llm_calls/: one record per LLM request (for MLflow traces); cached DVC outputs, so
+    # a queued experiment's fresh checkout has them
+    "explain": ["explanations.jsonl", "llm_calls/explain.jsonl"],
+    "simulate": ["scores.parquet", "llm_calls/simulate.jsonl"],
     "cluster": ["clusters.json"],
     "browser": ["browser"],
-    "report": ["report.md", "summary.csv", "metrics.json", "mlflow_run.json"],
+    "report": [
+        "report.md",
+        "summary.csv",
+        "metrics.json",
+        "mlflow_run.json",
+        "plots/score_map.png",
+        "plots/score_hist.png",
+    ],
 }
 
 # The one DVC metrics file: the headline of a run (`dvc exp show`, `dvc metrics diff`).
@@ -110,17 +119,13 @@ PLOTS: dict[str, tuple[str, list[str], str, str]] = {
     "layer_means.csv": ("layer", ["score", "baseline"], "linear", "Per-layer mean score"),
 }  # fmt: skip
 
-# Outputs DVC keeps out of its cache (small, rewritten every run, or read by DVC itself;
-# the plot data is committed to git with metrics.json so `dvc plots diff` sees it).
+# Outputs DVC keeps out of its cache (small, rewritten every run, read by DVC itself).
+# Every uncached output must be in git (.gitignore lets outputs/metrics/ and plot_data/
+# through): a queued experiment runs in a fresh checkout, where a missing uncached output
+# would make its stage rerun from scratch.
 UNCACHED: dict[str, list[str]] = {
-    # per-call records (timings differ on every run): for traces, not for reuse
-    "explain": ["llm_calls/explain.jsonl"],
-    "simulate": ["llm_calls/simulate.jsonl"],
-    "report": [
-        "plots/score_map.png", "plots/score_hist.png",
-        *[f"{PLOT_DATA}/{name}" for name in PLOTS],
-    ],
-}  # fmt: skip
+    "report": [f"{PLOT_DATA}/{name}" for name in PLOTS],
+}
 
 # Non-Python files of the package a stage reads (prompt templates), as globs under
 # src/head_explain: every shipped version is a dep, since a param picks among them.
