@@ -91,7 +91,7 @@ def test_editing_a_runner_makes_dvc_status_report_that_stage(tmp_path):
     # Stand-in outputs so DVC can record a lock without running the model.
     out = repo / "outputs"
     for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
-        for item in stage.get("outs", []) + stage.get("metrics", []):
+        for item in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
             name = item if isinstance(item, str) else next(iter(item))
             path = repo / name.replace("${outdir}", "outputs")
             path.parent.mkdir(parents=True, exist_ok=True)
