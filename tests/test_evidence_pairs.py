@@ -117,11 +117,16 @@ def _event(split, pos, src_pos, src_write, start, end, window_id=0):
                            excerpt_end=end, window_id=window_id)  # fmt: skip
 
 
-def test_mark_pairs_positive_skips_bos_and_sources_outside():
-    ev = _event("score_top", 6, [0, 5, 1], [9.0, 4.0, 1.0], 2, 8)
-    got = mark_pairs(ev, None, 10.0, "previous_token", np.random.default_rng(0))
+def test_mark_pairs_positive_is_the_main_source_only():
+    rng = np.random.default_rng(0)
+    ev = _event("score_top", 6, [5, 0, 1], [9.0, 4.0, 1.0], 2, 8)
+    got = mark_pairs(ev, None, 10.0, "previous_token", rng)
     assert list(got["pair_dest"]) == [4] and list(got["pair_src"]) == [3]
-    assert got["pair_label"] == ["pos"] and got["pair_write"][0] == pytest.approx(4.0)
+    assert got["pair_label"] == ["pos"] and got["pair_write"][0] == pytest.approx(9.0)
+    # main source at BOS or before the excerpt: no positive (never the runner-up source)
+    for src in ([0, 5, 1], [1, 5]):
+        got = mark_pairs(_event("score_top", 6, src, [9.0, 4.0, 1.0], 2, 8), None, 10.0, "", rng)
+        assert got["pair_label"] == []
     # the head's other top events in that window: a positive each when their
     # destination is shown (the event itself and one outside the excerpt are not repeated)
     others = [

