@@ -247,3 +247,12 @@ def test_hook_order_does_not_matter(tiny_model, smol_tokenizer):
     # every buffer stays on the model's device (the CUDA path moves nothing else)
     assert all(t.vals.device == next(bridge.parameters()).device for t in replay.top.values())
     sync(next(bridge.parameters()).device)
+
+
+def test_auto_dtype_is_float32_on_every_device():
+    """bfloat16 changed some heads' top events (benchmarks/bench_dtype.py): never implicit."""
+    from head_explain.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("auto", "cuda") is torch.float32  # decided without touching a GPU
+    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16

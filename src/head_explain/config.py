@@ -50,7 +50,8 @@ class Config:
     device: str = _f("auto", "Torch device: auto (cuda if available), cuda or cpu.", DEVICES)
     dtype: str = _f(
         "auto",
-        "Subject model dtype: auto (float32 on cpu, bfloat16 on cuda), float32, float16, bfloat16.",
+        "Subject model dtype: auto (float32 everywhere: bfloat16 changed some heads' top "
+        "events, see benchmarks/bench_dtype.py), float32, float16, bfloat16.",
         DTYPES,
     )
     batch_size: int = _f(8, "Windows per forward pass of the subject model.")
