@@ -133,7 +133,7 @@ def parse_explanation(text: str, repair: bool = True) -> str:
         first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
         first = first.replace("<<", "").replace(">>", "").replace("[[", "").replace("]]", "")
         first = first.strip().strip('"').strip()
-        if len(first) < 3:
+        if len(first) < 3 or _has_link(first):
             return ""
         return first if first.endswith((".", "!", "?")) else first + "."
     found = re.search(r"\battends\b", text, flags=re.I)
@@ -149,7 +149,7 @@ def parse_explanation(text: str, repair: bool = True) -> str:
         lead = re.match(r"attends (from|to)\b", first, flags=re.I)
         first = f"{lead.group(0)} {item}" if lead and item else ""
     first = first.replace("<<", "").replace(">>", "").replace("[[", "").replace("]]", "")
-    if "](" in first or "http" in first:
+    if _has_link(first):
         return ""
     chain = re.match(r"(attends from .+? to .+?)(?: to | and .+? to )", first, flags=re.I)
     if chain:  # keep "attends from A to B", drop the runaway repetition after it
@@ -158,6 +158,11 @@ def parse_explanation(text: str, repair: bool = True) -> str:
     if len(first) < 3 or first.lower() in ("attends from", "attends from the"):
         return ""
     return first if first.endswith((".", "!", "?")) else first + "."
+
+
+def _has_link(text: str) -> bool:
+    """A link or image is never a description of a head, whoever wrote it: unusable."""
+    return "](" in text or "http" in text
 
 
 async def explain_head(
