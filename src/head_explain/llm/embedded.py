@@ -16,8 +16,9 @@ import time
 from typing import Any
 
 from head_explain.errors import LLMError
-from head_explain.llm.base import ChatResult, LLMBackend, ScoreResult, TokenLogprob
+from head_explain.llm.base import LLMBackend
 from head_explain.llm.cache import LLMCache
+from head_explain.llm.results import ChatOptions, ChatResult, ScoreResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,10 @@ class _Engine:
         log.info("embedded LLM %s loaded in %.1fs", MODEL_NAME, time.perf_counter() - t0)
 
     # --- chat ----------------------------------------------------------------------
-    def chat(
-        self,
-        messages: list[dict],
-        max_tokens: int,
-        temperature: float,
-        top_logprobs: int,
-        seed: int | None = None,
-    ) -> dict[str, Any]:
+    def chat(self, messages: list[dict], opts: ChatOptions) -> dict[str, Any]:
         torch = self.torch
+        max_tokens, temperature, top_logprobs = opts.max_tokens, opts.temperature, opts.top_logprobs
+        seed = opts.seed
         # A trailing assistant message is a prefill the model continues (the reply is
         # only the continuation), which keeps a small model on the requested form.
         prefill = bool(messages) and messages[-1]["role"] == "assistant"
@@ -226,20 +222,11 @@ class EmbeddedBackend(LLMBackend):
     async def _engine(self) -> _Engine:
         return _ENGINE if _ENGINE is not None else await asyncio.to_thread(engine)
 
-    async def _chat(
-        self,
-        messages: list[dict],
-        max_tokens: int,
-        temperature: float,
-        top_logprobs: int,
-        seed: int | None = None,
-        json_schema: dict | None = None,  # not enforced here; the validator checks
-    ) -> ChatResult:
+    async def _chat(self, messages: list[dict], opts: ChatOptions) -> ChatResult:
+        # opts.json_schema is not enforced here; the validator checks the reply
         eng = await self._engine()
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(
-            eng.chat, messages, max_tokens, temperature, top_logprobs, seed
-        )
+        out = await asyncio.to_thread(eng.chat, messages, opts)
         raw = {"model": MODEL_NAME, "text": out["text"], "token_ids": out["token_ids"]}
         return ChatResult(
             text=out["text"],
