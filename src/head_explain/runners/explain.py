@@ -53,12 +53,24 @@ def explainer_name(cfg: Config) -> str:
 
 
 def expected_heads(cfg: Config) -> set[tuple[int, int]] | None:
-    """The heads this config analyses, from the model's config alone; None if unknown."""
+    """The heads this config analyses (as the cache stage picks them); None if unknown."""
     from head_explain import models
     from head_explain.heads import choose_heads
 
     shape = models.head_shape(cfg.model)
-    return set(choose_heads(*shape, cfg.max_heads, cfg.heads)) if shape else None
+    if not shape:
+        return None
+    heads = choose_heads(*shape, cfg.max_heads, cfg.heads)
+    if cfg.head_choice == "classes" and not cfg.heads and len(heads) < shape[0] * shape[1]:
+        # the cache stage picks by class from head_types.parquet (runners/cache.py)
+        types_path = out(cfg, "head_types.parquet")
+        if not types_path.exists():
+            return None  # unknown here; the simulate stage checks against the events
+        from head_explain.head_types import choose_heads_by_class
+
+        types, _ = art.read_parquet(types_path, {"model": cfg.model})
+        heads = choose_heads_by_class(types, heads, cfg.max_heads)
+    return set(heads)
 
 
 def check_reusable(cfg: Config) -> None:
