@@ -73,7 +73,6 @@ def _tiny_cfg(out: Path, **extra):
 def test_explain_stage_resumes_past_a_torn_journal(tiny_artifacts, tmp_path, caplog):
     """The explain runner itself: the cut-off last line is dropped and logged, the
     finished heads are reused (no LLM call: both heads are in the journal)."""
-    from head_explain import explain as lib
     from head_explain import prompts
     from head_explain.runners import explain
 
@@ -82,7 +81,7 @@ def test_explain_stage_resumes_past_a_torn_journal(tiny_artifacts, tmp_path, cap
     cfg = _tiny_cfg(out)
     stamp = {
         "explainer_model": explain.explainer_name(cfg),
-        "prompt_sha": prompts.load(lib.PROMPT).sha,
+        "prompt_sha": prompts.load_explain(cfg.explain_prompt).sha,
     }
     body = "".join(json.dumps(_row(*k) | stamp) + "\n" for k in ((8, 7), (17, 5)))
     _journal(out, body.encode() + b'{"layer": 17, "head": 5, "explanation": "caf\xc3')
