@@ -194,15 +194,9 @@ async def explain_head(
         ):
             raise ValueError(f"empty or unusable explanation (reply {res.text[:80]!r})")
 
-    try:
-        res = await backend.chat(messages, max_tokens=max_tokens, validate=usable)
-    except Exception as exc:  # recorded, never a crashed stage
-        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    res = await _chat_into(backend, messages, max_tokens, row, validate=usable)
+    if res is None:
         return row
-    row.update(
-        prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
-        latency_s=round(res.latency_s, 3), cost_usd=res.cost_usd, raw=res.text,
-    )  # fmt: skip
     row["explanation"] = parse_explanation(
         f"{PREFILL} {res.text.lstrip()}" if prefill else res.text, repair=prefill
     )
@@ -212,17 +206,26 @@ async def explain_head(
     return row
 
 
-async def _complete_clause(backend, messages, max_tokens: int, row: dict, clause: str) -> dict:
-    """The embedded model completes the measured clause; explanation = clause + its part."""
+async def _chat_into(backend, messages, max_tokens: int, row: dict, validate=None):
+    """One explainer call; its accounting goes into `row`. None (and row["error"]) when
+    the call failed: recorded, never a crashed stage."""
     try:
-        res = await backend.chat(messages, max_tokens=max_tokens)
-    except Exception as exc:  # recorded, never a crashed stage
+        res = await backend.chat(messages, max_tokens=max_tokens, validate=validate)
+    except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        return row
+        return None
     row.update(
         prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
         latency_s=round(res.latency_s, 3), cost_usd=res.cost_usd, raw=res.text,
     )  # fmt: skip
+    return res
+
+
+async def _complete_clause(backend, messages, max_tokens: int, row: dict, clause: str) -> dict:
+    """The embedded model completes the measured clause; explanation = clause + its part."""
+    res = await _chat_into(backend, messages, max_tokens, row)
+    if res is None:
+        return row
     part = cut_completion(res.text)
     row["model_completion"] = part
     body = clause.removeprefix("This head ").strip()
