@@ -137,11 +137,21 @@ def plan(cfg: Config) -> dict[str, Any]:
         model = model_for(cfg, "explainer")
         count, how = _counter(model)
         ident = identity_for(cfg, "explainer")
-        tpl = prompts.load(explain.PROMPT)
+        tpl = prompts.load_explain(cfg.explain_prompt)  # the prompt the stage will send
+        evidence = {}
+        if not estimated and out(cfg, "evidence.parquet").exists():
+            from head_explain.evidence import read_evidence
+
+            ev_df = read_evidence(out(cfg, "evidence.parquet"), cfg.model)
+            evidence = {(int(r["layer"]), int(r["head"])): r for r in ev_df.to_dict("records")}
         sp = StagePlan("explain", model, estimated=estimated, method="chat")
         for key in heads:
-            msgs = explain.build_messages(tpl, groups[key])
-            if cfg.llm == "embedded":
+            ev = evidence.get(key)
+            msgs = explain.build_messages(tpl, groups[key], ev)
+            if cfg.llm == "embedded" and tpl.name != explain.PROMPT:  # as explain_head:
+                clause = explain.template_clause(ev)  # the measured clause starts the answer
+                msgs.append({"role": "assistant", "content": clause + explain.WHEN})
+            elif cfg.llm == "embedded":
                 msgs.append({"role": "assistant", "content": explain.PREFILL})
             payload = chat_payload(msgs, cfg.explain_max_tokens, 0.0, 0)
             _add(sp, cache, cache_key({**ident, **payload}), not estimated,
