@@ -448,6 +448,10 @@ class StageRun:
             return 0
         where = {None: "", True: " WHERE unusable IS NOT NULL", False: " WHERE unusable IS NULL"}
         with contextlib.closing(sqlite3.connect(self.cache)) as conn:
+            # The stage makes the file before its table: polled in between, it holds no rows.
+            made = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='responses'"
+            if conn.execute(made).fetchone() is None:
+                return 0
             return conn.execute(f"SELECT COUNT(*) FROM responses{where[unusable]}").fetchone()[0]
 
 
