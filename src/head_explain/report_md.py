@@ -17,8 +17,26 @@ import pandas as pd
 
 from head_explain.config import source_list
 from head_explain.escaping import fmt, md_escape, render_excerpt
+from head_explain.report_heads import (
+    class_rows,
+    evidence_by_head,
+    head_extras,
+    head_rows,
+    pair_rows,
+    undefined_pairs,
+)
 
-STAGES = ("sample", "cache", "select", "explain", "simulate", "cluster", "report")
+STAGES = (
+    "sample",
+    "head_types",
+    "cache",
+    "select",
+    "explain",
+    "simulate",
+    "cluster",
+    "browser",
+    "report",
+)
 N_BEST = 5
 N_EVENTS = 3
 TEMPLATES = Path(__file__).parent / "templates"
@@ -128,11 +146,12 @@ def _excerpts(events: pd.DataFrame | None, layer: int, head: int) -> list[dict]:
     return out
 
 
-def _head_blocks(rows: pd.DataFrame, events: pd.DataFrame | None) -> list[dict]:
+def _head_blocks(rows: pd.DataFrame, events: pd.DataFrame | None, evidence: dict) -> list[dict]:
     return [
         {
             "head": r["head"], "score": r["score"], "baseline": r["baseline_score"],
-            "explanation": r["explanation"],
+            "explanation": r["explanation"], "evidence": evidence.get(r["head"], ""),
+            **head_extras(r),
             "excerpts": _excerpts(events, int(r["layer"]), int(r["head_index"])),
         }
         for _, r in rows.iterrows()
@@ -149,6 +168,8 @@ def _best_worst(summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def render_markdown(cfg: Any, ctx: dict, summary: pd.DataFrame, wall: dict, paired: dict) -> str:
     best, worst = _best_worst(summary)
+    evidence = evidence_by_head(ctx.get("evidence"))
+    types = ctx.get("head_types")
     bad = summary[summary["error"] != ""]
     no_base = summary[summary["baseline_note"] != ""]
     text = (
@@ -163,8 +184,13 @@ def render_markdown(cfg: Any, ctx: dict, summary: pd.DataFrame, wall: dict, pair
             paired=paired,
             layer_rows=_layer_rows(summary),
             clusters=ctx["clusters"],
-            best=_head_blocks(best, ctx["events"]),
-            worst=_head_blocks(worst, ctx["events"]),
+            best=_head_blocks(best, ctx["events"], evidence),
+            worst=_head_blocks(worst, ctx["events"], evidence),
+            n_model_heads=0 if types is None else len(types),
+            class_rows=class_rows(types, summary),
+            pair_rows=pair_rows(summary, cfg.seed),
+            undefined_pairs=undefined_pairs(summary),
+            head_rows=head_rows(summary),
             failed_rows=[
                 [md_escape(r["head"]), md_escape(r["error"], max_len=300)]
                 for _, r in bad.iterrows()

@@ -61,7 +61,7 @@ def cache_key(payload: dict[str, Any]) -> str:
 
 def default_path() -> Path:
     """~/.cache/head-explain/llm_cache.sqlite, or under $HEAD_EXPLAIN_CACHE."""
-    from head_explain.models import cache_root
+    from head_explain.bundled_models import cache_root
 
     return cache_root() / DEFAULT_NAME
 

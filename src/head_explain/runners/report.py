@@ -34,7 +34,7 @@ def check_inputs(outdir: Path) -> None:
     """Every artifact the report reads, checked before anything is rewritten."""
     read_jsonl(outdir / "explanations.jsonl")
     check_parquet(outdir / "scores.parquet", full=True)
-    for name in ("head_stats.parquet", "events.parquet"):
+    for name in ("head_stats.parquet", "events.parquet", "head_types.parquet", "evidence.parquet"):
         if (outdir / name).exists():
             check_parquet(outdir / name, full=True)
     if (outdir / "clusters.json").exists():
