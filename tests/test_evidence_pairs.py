@@ -26,6 +26,7 @@ from head_explain.pair_candidates import candidate_pairs, mark_pairs
 from head_explain.pair_scoring import (
     auc,
     build_pair_echo,
+    pair_relation,
     pair_table,
     score_pairs,
     template_predicts,
@@ -198,6 +199,26 @@ def test_pair_echo_prompt_has_one_slot_per_pair():
     assert prompt[: slots[0]].endswith('from "cat" to "cat" (4 tokens back):')
     assert prompt[: slots[1]].endswith('from "on" to "sat" (1 token back):')
     assert "Explanation of the head: attends to cats" in prompt
+
+
+def test_pair_relations_use_the_explanations_words():
+    """pairs_v2 words each pair as explanations do; v1 keeps offsets only."""
+    toks = ["The", " cat", " sat", " on", " the", " cat", " sat"]
+    assert pair_relation(toks, 5, 1) == "4 tokens back; an earlier copy of the current token"
+    assert pair_relation(toks, 6, 5) == "the previous token"
+    assert pair_relation(toks, 3, 3) == "the current token itself"
+    # " on" (3) follows the earlier " sat" (2), a copy of the destination " sat" (6)
+    assert pair_relation(toks, 6, 3) == (
+        "3 tokens back; the token that followed an earlier copy of the current token"
+    )
+    prompt, slots = build_pair_echo(
+        load("pairs_echo_v2"), "attends to cats", toks, [(5, 1), (6, 5)], relations=True
+    )
+    assert prompt[: slots[0]].endswith(
+        'from "cat" to "cat" (4 tokens back; an earlier copy of the current token):'
+    )
+    assert prompt[: slots[1]].endswith('from "sat" to "cat" (the previous token):')
+    assert prompt.rstrip().endswith("(the previous token): ?") and len(slots) == 2
 
 
 def _events_with_pairs():

@@ -80,9 +80,13 @@ def test_explain_and_simulate_through_openai_backend(
 
     p = {st["stage"]: st for st in plan(cfg)["stages"]}
     assert p["explain"]["requests"] == 2 == p["explain"]["cached"], p
-    # the plan prices the per-token simulation; the pair-judging requests of the same
-    # stage are not planned yet (a known gap, see README), so it is a lower bound here
-    assert p["simulate"]["requests"] == p["simulate"]["cached"] <= s["llm"]["requests"], p
+    # one request per scoring excerpt and one per excerpt that marks pairs, each for the
+    # head's own and its partner's explanation: the plan counts exactly the stage's calls
+    events = pd.read_parquet(outdir / "events.parquet")
+    sc = events[events["split"].isin(["score_top", "score_random"])]
+    expected = 2 * (len(sc) + int((sc["pair_label"].map(len) > 0).sum()))
+    assert p["simulate"]["requests"] == p["simulate"]["cached"] == expected, p
+    assert expected <= s["llm"]["requests"]
     assert p["simulate"]["prompt_tokens"] == 0 and not p["simulate"]["estimated"]
     again = pipeline.RUNNERS["simulate"].run(cfg)  # every usable answer comes from the cache
     assert again["llm"]["cache_hits"] > 0

@@ -23,13 +23,14 @@ def no_network(monkeypatch):
 
 def test_plan_of_the_seed_default_job(tmp_path, monkeypatch, no_network):
     """The schema defaults (gpt2, up to 200 heads, gpt-4o-mini on OpenAI's API): GPT-2
-    small has 144 heads; 1 explain request each and 2 x (5 + 5) chat simulations."""
+    small has 144 heads; 1 explain request each; for the explanation and its shuffled
+    baseline, 5 + 5 per-token simulations and 5 + 5 pair judgements."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # planning needs no key
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     cfg = config.build({"outdir": str(tmp_path / "out"), "llm_cache": str(tmp_path / "c.sqlite")})
     p = plan(cfg)
     explain, simulate = p["stages"]
-    assert p["heads"] == 144 and explain["requests"] == 144 and simulate["requests"] == 2880
+    assert p["heads"] == 144 and explain["requests"] == 144 and simulate["requests"] == 5760
     assert simulate["method"] == "chat" and explain["estimated"] and explain["cached"] == 0
     assert 0 < explain["cost_usd"] < simulate["cost_usd"] and p["total_usd"] > 0.1
     assert explain["completion_tokens"] == 144 * cfg.explain_max_tokens  # an upper bound
@@ -50,4 +51,4 @@ def test_cli_plan_prints_and_writes_plan_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "explain" in proc.stdout and "nothing was sent" in proc.stdout
     p = json.loads((out / "plan.json").read_text())
-    assert p["heads"] == 2 and [s["requests"] for s in p["stages"]] == [2, 40]
+    assert p["heads"] == 2 and [s["requests"] for s in p["stages"]] == [2, 80]

@@ -33,6 +33,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 LLM_BACKENDS = ("embedded", "openai")
 SIM_METHODS = ("auto", "echo", "chat")
 HEAD_CHOICES = ("spread", "classes")
+PAIR_PROMPTS = ("pairs_v1", "pairs_v2")
 CLASS_THRESHOLDS = (
     "class_previous_token", "class_induction", "class_duplicate_token", "class_self",
     "class_fixed_offset", "class_bos_sink",
@@ -162,6 +163,13 @@ class Config:
         "Explain prompt: a shipped version (explain_v1, explain_v2) or the path of your own "
         "template file (### system/user/assistant sections; $examples required, $evidence "
         "optional).",
+    )
+    pair_prompt: str = _f(
+        "pairs_v2",
+        "Pair-judging prompt of pair scoring: pairs_v2 (each pair worded by its relation: "
+        "the previous token, an earlier copy of the current token, ...) or pairs_v1 "
+        "(token offsets only).",
+        PAIR_PROMPTS,
     )
     max_failed_fraction: float = _f(
         0.5, "Explain/simulate exit non-zero when more than this fraction of heads fail."

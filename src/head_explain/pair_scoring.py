@@ -12,6 +12,8 @@ The cache stage records, for every token of the random windows, the write of its
 template pairs and of one random earlier source, and select marks the pairs of each
 scoring excerpt (both in pair_candidates.py); simulate asks the simulator about every
 marked pair of an excerpt in one request and scores ROC-AUC against each negative set.
+Prompt pairs_v2 words each pair by its relation ("the previous token", "an earlier copy
+of the current token", ...), pairs_v1 by its offset only.
 Baselines: another head's explanation (shuffled) and the template predictor (1 iff the
 pair fits `pair_template`), with its one-sentence wording.
 """
@@ -25,9 +27,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from head_explain.evidence import TEMPLATE_WORDS
 from head_explain.explain import show_token
 
 YES, NO = " yes", " no"
+YES_NO = [YES, NO]
 AUC_COLUMNS = [
     f"{k}_auc_{n}" for k in ("pair", "template", "shuffled") for n in ("easy", "hard")
 ] + ["lift_easy", "lift_hard"]
@@ -53,22 +57,41 @@ def template_predicts(template: str, tokens: list[str], dest: int, src: int) -> 
     return 0.0
 
 
-def pair_line(tokens: list[str], dest: int, src: int) -> str:
+def pair_relation(tokens: list[str], dest: int, src: int) -> str:
+    """The pair's relation in the words explanations use (pairs_v2): offset, copy, after
+    a copy. Shuffled and real explanations are judged on the same wording, so it helps a
+    small simulator match words without favouring either."""
     back = dest - src
-    where = "the same token" if back == 0 else f"{back} token{'s' * (back != 1)} back"
+    rel = [{0: TEMPLATE_WORDS["self"], 1: TEMPLATE_WORDS["previous_token"]}.get(back)
+           or f"{back} tokens back"]  # fmt: skip
+    if back > 0 and tokens[src] == tokens[dest]:
+        rel.append(TEMPLATE_WORDS["duplicate_token"])
+    if 1 <= src < dest and tokens[src - 1] == tokens[dest]:
+        rel.append(TEMPLATE_WORDS["induction"])
+    return "; ".join(rel)
+
+
+def pair_line(tokens: list[str], dest: int, src: int, relations: bool = False) -> str:
+    back = dest - src
+    if relations:
+        where = pair_relation(tokens, dest, src)
+    else:
+        where = "the same token" if back == 0 else f"{back} token{'s' * (back != 1)} back"
     d = show_token(tokens[dest]).strip() or show_token(tokens[dest])
     s = show_token(tokens[src]).strip() or show_token(tokens[src])
     return f'from "{d}" to "{s}" ({where}):'
 
 
-def build_pair_echo(template, explanation: str, tokens: list[str], pairs) -> tuple[str, list]:
+def build_pair_echo(
+    template, explanation: str, tokens: list[str], pairs, relations: bool = False
+) -> tuple[str, list]:
     """One prompt for all pairs of an excerpt; a yes/no slot after each pair line."""
     text = "".join(show_token(t) for t in tokens).strip()
     head = template.render(explanation=explanation, text=text, pairs="\x00")
     before, after = head.split("\x00")
     parts, slots, offset = [before], [], len(before)
     for d, s in pairs:
-        line = pair_line(tokens, d, s)
+        line = pair_line(tokens, d, s, relations)
         offset += len(line)
         slots.append(offset)
         parts.append(line + " ?\n")
@@ -88,27 +111,49 @@ def yes_probability(slot: dict[str, float] | None) -> float:
     return float(1 - math.exp(n)) if n is not None else math.nan
 
 
+def pair_request(templates, method: str, explanation: str, tokens, pairs) -> dict[str, Any]:
+    """What one pair-judging request sends (the stage and `--plan` build the same): echo
+    {prompt, slots} or chat {messages, max_tokens}."""
+    rel = templates.get("relations", False)
+    if method == "echo":
+        prompt, slots = build_pair_echo(templates["echo"], explanation, tokens, pairs, rel)
+        return {"prompt": prompt, "slots": slots}
+    lines = "\n".join(
+        f"{i}. {pair_line(tokens, d, s, rel)[:-1]}" for i, (d, s) in enumerate(pairs, 1)
+    )
+    text = "".join(show_token(t) for t in tokens).strip()
+    msgs = templates["chat"].messages(explanation=explanation, text=text, pairs=lines, n=len(pairs))
+    return {"messages": msgs, "max_tokens": 4 * len(pairs) + 16}
+
+
 async def judge_excerpt(backend, method: str, templates, explanation: str, tokens, pairs):
     """P(head attends across the pair) for every pair of one excerpt, one request."""
     from head_explain.simulate import parse_chat_values
 
+    req = pair_request(templates, method, explanation, tokens, pairs)
     if method == "echo":
-        prompt, slots = build_pair_echo(templates["echo"], explanation, tokens, pairs)
+        slots = req["slots"]
 
         def check(res):
             if len(res.slots) != len(slots) or all(not s for s in res.slots):
                 raise ValueError("no yes/no slot could be read")
 
-        res = await backend.score_prompt(prompt, slots, [YES, NO], validate=check)
+        res = await backend.score_prompt(req["prompt"], slots, YES_NO, validate=check)
         return np.array([yes_probability(s) for s in res.slots])
-    lines = "\n".join(f"{i}. {pair_line(tokens, d, s)[:-1]}" for i, (d, s) in enumerate(pairs, 1))
-    text = "".join(show_token(t) for t in tokens).strip()
-    msgs = templates["chat"].messages(explanation=explanation, text=text, pairs=lines, n=len(pairs))
     res = await backend.chat(
-        msgs, max_tokens=4 * len(pairs) + 16,
+        req["messages"], max_tokens=req["max_tokens"],
         validate=lambda r: parse_chat_values(r.text, len(pairs)),
     )  # fmt: skip
     return parse_chat_values(res.text, len(pairs)) / 10.0
+
+
+def load_templates(pair_prompt: str) -> dict[str, Any]:
+    """The echo and chat templates of a pair prompt version, and its pair wording."""
+    from head_explain import prompts
+
+    version = pair_prompt.removeprefix("pairs_")
+    return {"echo": prompts.load(f"pairs_echo_{version}"),
+            "chat": prompts.load(f"pairs_chat_{version}"), "relations": version != "v1"}  # fmt: skip
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, str | None]:
@@ -166,16 +211,17 @@ async def score_pairs(
         return np.concatenate(parts) if parts else np.array([])
 
     preds = {"template": tmpl}
-    if explanation:
-        preds["pair"], preds["shuffled"] = await asyncio.gather(
-            judged(explanation), judged(shuffled or explanation)
-        )
+    if explanation:  # no partner explanation: no shuffled baseline, never the head's own
+        got = await asyncio.gather(judged(explanation), *([judged(shuffled)] if shuffled else []))
+        preds["pair"] = got[0]
+        if shuffled:
+            preds["shuffled"] = got[1]
     reasons = []
     for name in ("pair", "template", "shuffled"):
         for neg in ("easy", "hard"):
             p = preds.get(name)
             if p is None:
-                value, why = math.nan, "no explanation"
+                value, why = math.nan, "no partner" if explanation else "no explanation"
             else:
                 value, why = auc(p[labels == "pos"], p[labels == neg])
             row[f"{name}_auc_{neg}"] = value

@@ -66,6 +66,8 @@ def _counter(model: str):
 def _standin_events(cfg: Config, heads: list[tuple[int, int]]):
     import pandas as pd
 
+    from head_explain.pair_candidates import N_EASY, N_HARD
+
     n = cfg.excerpt_len
     tokens = [STANDIN_TOKEN] * n
     rows = []
@@ -73,10 +75,15 @@ def _standin_events(cfg: Config, heads: list[tuple[int, int]]):
         for split, k in (("explain", cfg.explain_examples), ("score_top", cfg.score_top_examples),
                          ("score_random", cfg.score_random_examples)):  # fmt: skip
             for rank in range(k):
+                # the pairs select marks: a top event's own pair; a random excerpt's
+                # easy and hard negatives (at most, where a window has them all)
+                labels = {"score_top": ["pos"], "score_random": ["easy"] * N_EASY + ["hard"] * N_HARD}.get(split, [])  # fmt: skip
                 rows.append(dict(layer=layer, head=head, split=split, rank=rank, act_norm=5.0,
                                  excerpt_tokens=tokens, excerpt_dest=n - 1,
-                                 excerpt_src=[max(0, n - 3)],
-                                 excerpt_acts=[0.0] * n))  # fmt: skip
+                                 excerpt_src=[max(0, n - 3)], excerpt_acts=[0.0] * n,
+                                 pair_dest=[n - 1] * len(labels),
+                                 pair_src=[max(0, n - 2 - i) for i in range(len(labels))],
+                                 pair_label=labels))  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -104,7 +111,7 @@ def _heads_from_config(cfg: Config) -> tuple[list[tuple[int, int]], str]:
 def plan(cfg: Config) -> dict[str, Any]:
     """{"stages": [StagePlan...], "heads": n, "tokens_by": how, "source": ...}."""
     from head_explain import artifacts as art
-    from head_explain import explain, prompts, simulate
+    from head_explain import explain, pair_scoring, prompts, simulate
     from head_explain.llm import identity_for, model_for
     from head_explain.llm.base import chat_payload, score_payload
     from head_explain.llm.cache import cache_key, open_cache
@@ -167,11 +174,26 @@ def plan(cfg: Config) -> dict[str, Any]:
         tpl = prompts.load(simulate.ECHO_PROMPT if method == "echo" else simulate.CHAT_PROMPT)
         explained = [h for h in heads if explanations.get(h)] if explanations else heads
         base = simulate.baseline_assignment(explained, cfg.seed)
+        pair_tpl = pair_scoring.load_templates(cfg.pair_prompt)
         for key in explained:
             own = explanations.get(key) or STANDIN_EXPLANATION
-            other = explanations.get(base.get(key, key)) or STANDIN_EXPLANATION
+            partner = base.get(key)  # as the stage: no partner, no baseline
+            texts = [own]
+            if partner is not None and partner != key:
+                texts.append(explanations.get(partner) or STANDIN_EXPLANATION)
+            for tokens, pairs, _ in pair_scoring.pair_table(groups[key]):
+                for text in texts:  # one pair-judging request per excerpt and explanation
+                    req = pair_scoring.pair_request(pair_tpl, method, text, tokens, pairs)
+                    if method == "echo":
+                        payload = score_payload(req["prompt"], req["slots"], pair_scoring.YES_NO)
+                        pt, ct = count(req["prompt"]), 1
+                    else:
+                        payload = chat_payload(req["messages"], req["max_tokens"], 0.0, 0)
+                        pt = sum(count(m["content"]) + 4 for m in req["messages"])
+                        ct = count(json.dumps([10] * len(pairs)))
+                    _add(sp, cache, cache_key({**ident, **payload}), not sp.estimated, pt, ct)
             for ex in simulate.head_excerpts(groups[key]):
-                for text in (own, other):
+                for text in texts:
                     if method == "echo":
                         prompt, slots = simulate.build_echo_prompt(tpl, text, ex.tokens)
                         payload = score_payload(prompt, slots, simulate.ECHO_VALUES)

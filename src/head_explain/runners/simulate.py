@@ -66,7 +66,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if method == "auto":
         method = "echo" if backend.supports_echo() else "chat"
     template = prompts.load(simulate.ECHO_PROMPT if method == "echo" else simulate.CHAT_PROMPT)
-    pair_prompts = {"echo": prompts.load("pairs_echo_v1"), "chat": prompts.load("pairs_chat_v1")}
+    pair_prompts = pair_scoring.load_templates(cfg.pair_prompt)
     evidence = {
         (int(r.layer), int(r.head)): r
         for r in read_evidence(out(cfg, "evidence.parquet"), cfg.model).itertuples(index=False)
@@ -108,6 +108,8 @@ def run(cfg: Config) -> dict[str, Any]:
         write_llm_calls(cfg, STAGE, backend)
     df = pd.DataFrame(rows)
     df["prompt_sha"] = template.sha
+    df["pair_prompt"] = cfg.pair_prompt
+    df["pair_prompt_sha"] = pair_prompts[method].sha
     meta = stage_meta(cfg, STAGE) | {"method": method}
     art.write_parquet(out(cfg, "scores.parquet"), df, meta)
     failed = df[df["score"].isna()]
