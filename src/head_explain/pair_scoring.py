@@ -132,6 +132,9 @@ async def judge_excerpt(backend, method: str, templates, explanation: str, token
 
     req = pair_request(templates, method, explanation, tokens, pairs)
     if method == "echo":
+        # instructions and few-shot examples are the same in every pair prompt: an
+        # in-process backend computes them once
+        await backend.share_prefix(templates["echo"].text.split("$explanation")[0].rstrip())
         slots = req["slots"]
 
         def check(res):
