@@ -186,10 +186,14 @@ def pair_metrics(summary: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
     for level in ("easy", "hard"):
         if f"pair_auc_{level}" not in summary:
             continue
-        out[f"auc_{level}"] = _mean(summary[f"pair_auc_{level}"])
+        cols = [c for c in (f"pair_auc_{level}", f"template_auc_{level}",
+                            f"shuffled_auc_{level}") if c in summary]  # fmt: skip
+        same = summary[cols].astype(float).dropna()  # the three means over the same heads
+        out[f"pairs_{level}"] = len(same)
+        out[f"auc_{level}"] = _mean(same[f"pair_auc_{level}"])
         for name, col in (("tmpl", "template_auc"), ("shuf", "shuffled_auc")):
             if f"{col}_{level}" in summary:
-                out[f"{name}_{level}"] = _mean(summary[f"{col}_{level}"])
+                out[f"{name}_{level}"] = _mean(same[f"{col}_{level}"])
         if f"template_auc_{level}" in summary:
             st = paired_stats(summary[f"pair_auc_{level}"], summary[f"template_auc_{level}"], seed)
             out[f"lift_{level}"] = json_num(st["mean_diff"], 4)
