@@ -13,7 +13,7 @@ export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
 # `dvc exp show` in 140 columns: changed columns only, headline metrics only.
-EXP_SHOW := dvc exp show --only-changed --drop 'Created|analysed|explained|failed|paired|pairs_|requests|tokens|tmpl_|shuf_|src/|stages/|outputs/'
+EXP_SHOW := dvc exp show --only-changed --drop 'Created|State|Executor|analysed|explained|failed|paired|pairs_|requests|tokens|tmpl_|shuf_|auc_hard|lift_hard|above|src/|stages/|outputs/'
 
 .PHONY: demo test lint format bench clean gemma
 
