@@ -37,11 +37,26 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 def _report(outdir: Path, shift: float) -> None:
     """The report stage's real outputs, every score shifted by `shift`."""
+    for name in ("head_types.parquet", "evidence.parquet"):  # optional report inputs:
+        if (outdir / name).exists() and (outdir / name).stat().st_size < 8:
+            (outdir / name).unlink()  # a placeholder below is not one of them
     write_artifacts(outdir)
     sc, meta = read_parquet(outdir / "scores.parquet")
     sc["score"] = sc["score"] + shift
     write_parquet(outdir / "scores.parquet", sc, meta)
     write_report(config.build({"outdir": str(outdir)}))
+
+
+def _placeholders(repo: Path) -> None:
+    """The other stages' outputs, so `dvc exp save` can record every stage."""
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for o in stage.get("outs", []):
+            path = repo / str(o if isinstance(o, str) else next(iter(o))).replace(
+                "${outdir}", "outputs"
+            )
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}\n")
 
 
 def _width(text: str) -> int:
@@ -64,20 +79,13 @@ def test_exp_show_headline_and_plots_diff_of_two_experiments(tmp_path):
     _run(["dvc", "init", "-q"], repo, env)
     out = repo / "outputs"
     _report(out, 0.0)
-    # the other stages' outputs: placeholders, so `dvc exp save` can record every stage
-    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
-        for o in stage.get("outs", []):
-            path = repo / str(o if isinstance(o, str) else next(iter(o))).replace(
-                "${outdir}", "outputs"
-            )
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("{}\n")
+    _placeholders(repo)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "baseline"], repo, env)
     assert "outputs/metrics.json" in _run(["git", "ls-files", "outputs"], repo, env)
     for name, shift in EXPS.items():
         _report(out, shift)
+        _placeholders(repo)
         _run(["dvc", "exp", "save", "-n", name], repo, env)
 
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env))

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from head_explain import config
-from head_explain.artifacts import write_json, write_jsonl, write_parquet
+from head_explain.artifacts import read_parquet, write_json, write_jsonl, write_parquet
 from head_explain.escaping import md_escape, render_excerpt
 from head_explain.runners.report import write_report
 
@@ -280,3 +280,43 @@ def test_head_without_baseline_is_left_out_and_named(tmp_path):
     assert "on the same 3 heads" in md and "Scored without a baseline (1): L0H0 (no baseline" in md
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert rows[0]["baseline_note"].startswith("no baseline")
+
+
+def test_head_aware_sections(tmp_path):
+    """Every head's class, pair-AUCs over the same heads with both baselines, one row per
+    explained head, and the evidence line beside a best/worst head."""
+    write_artifacts(tmp_path)
+    sc, meta = read_parquet(tmp_path / "scores.parquet")
+    sc["head_class"] = ["previous_token", "self", "induction", "content", "bos_sink", "self"]
+    sc["pair_auc_easy"] = [0.9, 0.8, 0.7, np.nan, 0.6, np.nan]  # L1H1: too few pairs
+    sc["template_auc_easy"] = [1.0, 0.7, 0.8, np.nan, 0.5, np.nan]
+    sc["shuffled_auc_easy"] = [0.5, 0.6, np.nan, np.nan, 0.4, np.nan]  # L1H0: no partner
+    for col in ("pair_auc_hard", "template_auc_hard", "shuffled_auc_hard"):
+        sc[col] = np.nan
+    sc["lift_easy"] = sc["pair_auc_easy"] - sc["template_auc_easy"]
+    sc["lift_hard"] = np.nan
+    write_parquet(tmp_path / "scores.parquet", sc, meta)
+    types = pd.DataFrame(
+        [{"layer": a, "head": b, "head_name": f"L{a}H{b}", "class_score": 0.5 + 0.05 * (2 * a + b),
+          "head_class": ["previous_token", "self", "induction", "content"][(2 * a + b) % 4],
+          "second_class": ""} for a in range(3) for b in range(2)]
+    )  # fmt: skip
+    write_parquet(tmp_path / "head_types.parquet", types, {"stage": "head_types", **META})
+    metrics = write_report(config.build({"outdir": str(tmp_path)}))
+    md = (tmp_path / "report.md").read_text()
+    assert "All 6 heads of the model" in md
+    assert "| previous\\_token | 2 | 33% | 2 | L2H0 (0.70) |" in md  # L0H0, L2H0
+    assert "| content | 1 | 17% | 1 | L1H1 (0.65) |" in md
+    assert "| fixed\\_offset | 0 | 0% | 0 | — |" in md
+    # the three means over the same 3 heads (L0H0, L0H1, L2H0)
+    pairs = md[md.index("## Pair scores") :]
+    row = next(x for x in pairs.splitlines() if x.startswith("| easy negatives"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "3" and cells[2:5] == ["0.767", "0.733", "0.500"], cells
+    assert metrics["pairs_easy"] == 3 and metrics["auc_easy"] == pytest.approx(0.7667, abs=1e-4)
+    assert metrics["shuf_easy"] == pytest.approx(0.5)
+    assert metrics["tmpl_easy"] == pytest.approx(0.7333, abs=1e-4)
+    assert "1 explained head(s) have no easy pair-AUC" in pairs
+    table = md[md.index("## Explained heads") : md.index("## Cost and time")]
+    assert "| L0H0 | previous\\_token |" in table and "L2H1" not in table  # failed: no row
+    assert "#### L2H0 (bos\\_sink): score 0.400" in md  # the best head, with its class
