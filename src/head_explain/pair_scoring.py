@@ -64,10 +64,9 @@ def pair_relation(tokens: list[str], dest: int, src: int) -> str:
     back = dest - src
     rel = [{0: TEMPLATE_WORDS["self"], 1: TEMPLATE_WORDS["previous_token"]}.get(back)
            or f"{back} tokens back"]  # fmt: skip
-    if back > 0 and tokens[src] == tokens[dest]:
-        rel.append(TEMPLATE_WORDS["duplicate_token"])
-    if 1 <= src < dest and tokens[src - 1] == tokens[dest]:
-        rel.append(TEMPLATE_WORDS["induction"])
+    for template in ("duplicate_token", "induction"):  # the templates' own tests
+        if template_predicts(template, tokens, dest, src):
+            rel.append(TEMPLATE_WORDS[template])
     return "; ".join(rel)
 
 

@@ -106,9 +106,8 @@ def evidence_by_head(evidence: pd.DataFrame | None) -> dict[str, str]:
     return out
 
 
-def head_extras(row: Any) -> dict[str, Any]:
+def head_extras(row: pd.Series) -> dict[str, Any]:
     """The pair scores a best/worst head block shows beside its per-token score."""
-    get = row.get if hasattr(row, "get") else (lambda k, d=None: getattr(row, k, d))
-    return {k: get(k, None) for k in ("head_class", "pair_auc_easy", "template_auc_easy",
+    return {k: row.get(k, None) for k in ("head_class", "pair_auc_easy", "template_auc_easy",
                                       "shuffled_auc_easy", "lift_easy", "pair_auc_hard",
                                       "template_auc_hard", "lift_hard")}  # fmt: skip
