@@ -19,6 +19,13 @@ Heads: `all` (every head) and `early` (every head of the first third of the laye
 the forward can stop there), the latter at the first size only unless --subset-all-sizes.
 Prints a table and ratios (cache time / forward time per token; peak at the largest
 size / peak at the smallest). Asserts nothing: the numbers are the result.
+
+GPU runs without the hub: `--random-config gpt2` (or gpt2-medium, gpt2-large, gpt2-xl)
+builds a random-weight GPT-2 of that size from its HF config (seeded), saves it with
+the bundled SmolLM2 tokenizer (its 49,152 ids fit GPT-2's vocabulary) in a temp folder
+and measures that; e.g. on a GPU:
+    bench_cache.py --random-config gpt2 --sizes 1500 --device cuda --no-subset
+    bench_cache.py --random-config gpt2-xl --sizes 1500 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -166,6 +173,27 @@ def child(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- parent
+GPT2_SIZES = {  # (n_layer, n_head, n_embd) of the released checkpoints
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
+}  # fmt: skip
+
+
+def random_gpt2(size: str, folder: Path) -> Path:
+    """A seeded random-weight GPT-2 of `size` saved in `folder`, with a local tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from head_explain.models import load_tokenizer
+
+    n_layer, n_head, n_embd = GPT2_SIZES[size]
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(folder)
+    return folder
+
+
 def sample_windows(args: argparse.Namespace, n: int, outdir: Path) -> Path:
     from head_explain.cli import main
 
@@ -201,6 +229,8 @@ def spawn(args: argparse.Namespace, windows_file: Path, n: int, heads: str) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--random-config", default="", choices=["", *GPT2_SIZES],
+                    help="a random-weight GPT-2 of this size instead of --model")  # fmt: skip
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--sizes", default="40,320", help="window counts: 1x and 8x")
@@ -233,6 +263,8 @@ def main() -> None:
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.random_config:
+            args.model = str(random_gpt2(args.random_config, Path(tmp) / args.random_config))
         windows_file = sample_windows(args, max(sizes), Path(tmp))
         for n in sizes:
             runs = (

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_llm_throughput.py [--latency 2.0]
         [--concurrency 8] [--prepared DIR] [--max-heads 8] [--method chat|echo]
+        [--per-request 1]
 
 Starts the real llama.cpp server (bundled SmolLM2, tests/llama_server.py) behind the
 loopback fault proxy (tests/fault_proxy.py) that adds a fixed `--latency` to every
@@ -14,7 +15,8 @@ other (simulate needs the explanations), so each is compared with its own ideal.
 
 llama-cpp-python's server has no parallel slots (`--n_parallel` is llama.cpp's own
 server); it computes one request at a time. The latency is therefore chosen well above
-one request's compute time (~0.1-0.5 s here), so what is measured is whether the client
+one request's compute time times the concurrency (a request's round trip minus the latency
+is printed: the server's queue and compute), so what is measured is whether the client
 keeps `concurrency` requests in flight, not the 2-core server.
 """
 
@@ -46,6 +48,7 @@ def main() -> int:
     ap.add_argument("--prepared", help="a folder with events.parquet (else made: 30-60 s)")
     ap.add_argument("--max-heads", type=int, default=8, help="heads when preparing")
     ap.add_argument("--method", default="chat", choices=["chat", "echo"])
+    ap.add_argument("--per-request", type=int, default=1, help="excerpts_per_request")
     args = ap.parse_args()
 
     from head_explain import config, pipeline
@@ -73,7 +76,7 @@ def main() -> int:
                 model="smollm2-135m-instruct", llm="openai", openai_model="smollm2",
                 openai_base_url=proxy.url, simulation_method=args.method, llm_cache="off",
                 explain_max_tokens=24, llm_concurrency=args.concurrency, outdir=str(out),
-                max_failed_fraction=1.0,
+                max_failed_fraction=1.0, excerpts_per_request=args.per_request,
             ))  # fmt: skip
             rows = []
             for stage in ("explain", "simulate"):
@@ -83,13 +86,21 @@ def main() -> int:
                 wall = time.perf_counter() - t0
                 n = len(proxy.posts())
                 ideal = math.ceil(n / args.concurrency) * args.latency
-                rows.append((stage, n, wall, ideal, m["failed"], m["llm"]))
+                calls = [
+                    json.loads(x)
+                    for x in (out / f"llm_calls/{stage}.jsonl").read_text().splitlines()
+                ]
+                trip = sum(c["latency_s"] or 0 for c in calls) / max(len(calls), 1)
+                rows.append((stage, n, wall, ideal, m["failed"], m["llm"], trip))
     finally:
         server.stop()
-    print(f"latency {args.latency}s, concurrency {args.concurrency}, method {args.method}")
-    print(f"{'stage':<9} {'requests':>8} {'wall s':>8} {'ideal s':>8} {'ideal/wall':>10} failed")
-    for stage, n, wall, ideal, failed, _ in rows:
-        print(f"{stage:<9} {n:>8} {wall:>8.2f} {ideal:>8.2f} {ideal / wall:>10.2f} {failed}")
+    print(f"latency {args.latency}s, concurrency {args.concurrency}, method {args.method}, "
+          f"{args.per_request} excerpt(s) per request")  # fmt: skip
+    print(f"{'stage':<9} {'requests':>8} {'wall s':>8} {'ideal s':>8} {'ideal/wall':>10} failed"
+          "  mean round trip s (latency + server queue + compute)")  # fmt: skip
+    for stage, n, wall, ideal, failed, _, trip in rows:
+        print(f"{stage:<9} {n:>8} {wall:>8.2f} {ideal:>8.2f} {ideal / wall:>10.2f} {failed:>6}"
+              f"  {trip:.2f}")  # fmt: skip
     wall = sum(r[2] for r in rows)
     ideal = sum(r[3] for r in rows)
     flat = sum(r[1] for r in rows) * args.latency / args.concurrency

@@ -10,11 +10,9 @@ from head_explain.activations import (
     CacheSettings,
     HeadActivationCache,
     choose_random_windows,
-    head_writes,
     sync,
-    token_masks,
-    write_norm_factor,
 )
+from head_explain.attention_math import head_writes, token_masks, write_norm_factor
 
 pytestmark = pytest.mark.slow
 

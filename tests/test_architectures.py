@@ -134,7 +134,7 @@ def test_cache_matches_hf_eager(tiny_model, tmp_path):
 
 def test_hook_order_does_not_matter(tiny_model, smol_tokenizer):
     """Hooks arriving z → v → pattern (as some bridges fire them) give the same result."""
-    from head_explain.activations import token_masks
+    from head_explain.attention_math import token_masks
     from head_explain.models import load_bridge
 
     _, path = tiny_model
@@ -184,3 +184,14 @@ def test_auto_dtype_is_float32_on_every_device():
     assert resolve_dtype("auto", "cpu") is torch.float32
     assert resolve_dtype("auto", "cuda") is torch.float32  # decided without touching a GPU
     assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+
+
+def test_sync_waits_on_cuda_devices_only(monkeypatch):
+    """The timing sync of the cache (and bench_cache) calls CUDA only for a CUDA device;
+    checked here without a GPU by recording the call."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    sync(torch.device("cpu"))
+    assert calls == []
+    sync(torch.device("cuda", 0))
+    assert calls == [torch.device("cuda", 0)]

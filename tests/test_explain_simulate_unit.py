@@ -12,15 +12,20 @@ from head_explain import prompts
 from head_explain.explain import build_messages, parse_explanation, render_excerpt
 from head_explain.llm.base import TokenLogprob
 from head_explain.simulate import (
+    SEQUENCE_BREAK,
     Excerpt,
     baseline_assignment,
+    build_chat_messages,
     build_echo_prompt,
-    chat_expected_values,
     correlation,
     derangement,
+    pooled_scores,
+    request_batches,
+)
+from head_explain.simulation_replies import (
+    chat_expected_values,
     expected_values,
     parse_chat_values,
-    pooled_scores,
 )
 
 
@@ -156,3 +161,31 @@ def test_baseline_is_a_seeded_derangement():
     a = baseline_assignment(heads, 0)
     assert a == baseline_assignment(heads, 0)
     assert all(k != v for k, v in a.items())
+
+
+def test_echo_prompt_batches_excerpts_as_sequences():
+    """Several excerpts in one echo prompt: each its own <start>..<end> sequence, every
+    slot right after its token's tab, the single-excerpt prompt unchanged."""
+    tpl = prompts.load("simulate_echo_v1")
+    one, one_slots = build_echo_prompt(tpl, "x", ["a", "b"])
+    text, slots = build_echo_prompt(tpl, "x", ["a", "b"], ["c"], ["d", "e"])
+    assert len(slots) == 5 and text.count(SEQUENCE_BREAK) == 2
+    assert text.startswith(one[: one_slots[-1]]) and slots[:2] == one_slots
+    for s, tok in zip(slots, "abcde", strict=True):
+        assert text[s - 2 : s] == f"{tok}\t" and text[s:].startswith("unknown\n")
+    assert text[slots[-1] :] == one[one_slots[-1] :]  # the same close after the last token
+    assert text[slots[1] :].startswith("unknown\n<end>\n<start>\nc\t")
+
+
+def test_chat_prompt_numbers_batched_excerpts_on():
+    tpl = prompts.load("simulate_chat_v2")
+    msgs = build_chat_messages(tpl, "x", ["a", "b"], ["c"])
+    user = msgs[-1]["content"]
+    assert "1. 'a'\n2. 'b'\n\n3. 'c'" in user and "each of the 3 tokens" in user
+
+
+def test_request_batches():
+    ex = [Excerpt("score_top", ["a"], np.zeros(1)) for _ in range(5)]
+    assert request_batches(ex, 1) == [[0], [1], [2], [3], [4]]
+    assert request_batches(ex, 2) == [[0, 1], [2, 3], [4]]
+    assert request_batches(ex, 9) == [[0, 1, 2, 3, 4]]

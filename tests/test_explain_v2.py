@@ -11,6 +11,7 @@ import pytest
 
 from head_explain.errors import ConfigError
 from head_explain.explain import (
+    COMPLETION_STOP,
     build_messages,
     cut_completion,
     explain_head,
@@ -90,6 +91,28 @@ def test_repairs_only_for_the_embedded_model():
     assert cut_completion(" the token is a name. Then more\nlines") == "the token is a name"
     assert cut_completion("  <<x>> follows [[y]],") == "x follows y"
     assert cut_completion("") == ""
+
+
+def test_completion_stop_never_changes_the_cut():
+    """The embedded model stops generating once COMPLETION_STOP matches; whatever it would
+    have written after that point (any cut at or after the match) leaves cut_completion's
+    answer unchanged. Random replies over the characters that matter."""
+    import random
+    import re
+
+    rng = random.Random(0)
+    alphabet = list("ab .!?,:<>[]") + ["\n", "\r", "\t", "\u2028", "\x0c", "  ", "x."]
+    stop = re.compile(COMPLETION_STOP)
+    matched = 0
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        m = stop.search(text)
+        if m is None:
+            continue
+        matched += 1
+        for k in range(m.end(), len(text) + 1):
+            assert cut_completion(text[:k]) == cut_completion(text), (text, k)
+    assert matched > 5000
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import math
 import sqlite3
 import time
 
+import numpy as np
 import pytest
 from fault_proxy import (
     CUT_JSON,
@@ -39,7 +40,7 @@ from fault_proxy import (
 from llama_server import SERVER_MODEL, copy_artifacts
 
 from head_explain import artifacts as art
-from head_explain import explain, prompts, simulate
+from head_explain import explain, prompts, simulate, simulation_replies
 from head_explain.errors import LLMError
 from head_explain.llm.cache import LLMCache
 from head_explain.llm.openai_backend import OpenAIBackend
@@ -365,7 +366,7 @@ def logprob_fp(llama_server):
 )  # fmt: skip
 def test_chat_values_rejects_unusable_replies(bad):
     with pytest.raises(ValueError):
-        simulate.parse_chat_values(bad, 3)
+        simulation_replies.parse_chat_values(bad, 3)
 
 
 def test_simulate_chat_constrained_by_schema(logprob_fp, tmp_path):
@@ -384,6 +385,26 @@ def test_simulate_chat_constrained_by_schema(logprob_fp, tmp_path):
         str(i) for i in range(1, 8)
     ]
     assert b.stats.failures == 0
+    run(b.aclose())
+
+
+def test_simulate_batches_excerpts_and_counts_a_failed_batch(logprob_fp, tmp_path):
+    """excerpts_per_request 2 over 3 excerpts: 2 requests to the real server, values split
+    back per excerpt; a batch whose replies stay unusable fails each of its excerpts."""
+    fp = logprob_fp
+    b = make_backend(fp, tmp_path, retries=2)
+    tpl = prompts.load(simulate.CHAT_PROMPT)
+    seqs = [["a", " (", " b", ")"], [" c", " d"], [" e", " (", " f"]]
+    excerpts = [simulate.Excerpt("score_top", t, np.zeros(len(t))) for t in seqs]
+    preds, errs = run(simulate.simulate_set(b, "chat", tpl, "attends to (.", excerpts, 2))
+    assert errs == [] and [len(p) for p in preds] == [4, 2, 3]
+    required = sorted(len(p.json()["response_format"]["schema"]["required"]) for p in fp.posts())
+    assert required == [3, 6]  # one request of 4 + 2 tokens, one of 3
+    fp.reset_records()
+    fp.plan(then=mutate(chat_content("[0, 9]"), "wrong count"))
+    preds, errs = run(simulate.simulate_set(b, "chat", tpl, "attends to ).", excerpts, 2))
+    assert preds == [None, None, None] and len(errs) == 3
+    assert all("unusable reply" in e for e in errs)
     run(b.aclose())
 
 

@@ -119,3 +119,59 @@ def test_shared_prefix_reuses_its_kv_cache_and_stays_deterministic(emb):
     for sf, sa in zip(full.slots, a.slots, strict=True):
         assert sf.keys() == sa.keys()
         assert max(abs(sf[k] - sa[k]) for k in sf) < 1e-3
+
+
+def test_stop_pattern_ends_generation_early_with_the_same_tokens(emb):
+    """Greedy decoding with a stop pattern: the reply is the unstopped reply's beginning,
+    up to the token that completes the match, in fewer generated tokens."""
+    import re
+
+    msgs = [{"role": "user", "content": "Write three short sentences about cats."}]
+    full = asyncio.run(emb.chat(msgs, max_tokens=48))
+    stopped = asyncio.run(emb.chat(msgs, max_tokens=48, stop_pattern=r"[.!?]\s"))
+    assert re.search(r"[.!?]\s", full.text), full.text  # the reply has a sentence end
+    assert full.text.startswith(stopped.text) and re.search(r"[.!?]\s", stopped.text)
+    assert stopped.completion_tokens < full.completion_tokens
+    assert not stopped.cached  # its own cache entry: the pattern is part of the key
+
+
+def test_held_prefix_extends_the_shared_one_and_is_released(emb):
+    """One explanation's prompts run from a held prefix (the template up to the
+    explanation's end), computed from the template's shared prefix: the same numbers as
+    a full pass up to float rounding, the same bits on every run, freed on release."""
+    from head_explain import prompts, simulate
+    from head_explain.llm.base import held_prefix
+    from head_explain.llm.embedded import engine
+
+    tpl = prompts.load(simulate.ECHO_PROMPT)
+    expl = "attends from commas to the previous word."
+    prompt, slots = simulate.build_echo_prompt(tpl, expl, ["a", ",", " b"])
+    emb._cache, cache = None, emb._cache
+    try:
+        eng = engine()
+        eng.prefixes.clear()
+        full = asyncio.run(emb.score_prompt(prompt, slots, DIGITS))
+
+        async def held():
+            async with simulate.explanation_prefix(emb, "echo", tpl, expl, "lines"):
+                assert len(eng.holds) == 1 and len(eng.prefixes) == 2  # template + held
+                ids, _ = eng.encode_slots(prompt, slots)
+                used = eng._prefix_of(ids, [len(ids) - 1])
+                assert used in eng.holds  # the longest: the explanation's own prefix
+                return await emb.score_prompt(prompt, slots, DIGITS)
+
+        a = asyncio.run(held())
+        assert eng.holds == {} and len(eng.prefixes) == 1  # released; template kept
+        b = asyncio.run(held())
+
+        async def twice():  # two holders of one text: one cache, freed by the last
+            async with held_prefix(emb, "x " * 40), held_prefix(emb, "x " * 40):
+                assert list(eng.holds.values()) == [2]
+
+        asyncio.run(twice())
+        assert eng.holds == {}
+    finally:
+        emb._cache = cache
+    assert a.slots == b.slots  # deterministic, bit for bit
+    for sf, sa in zip(full.slots, a.slots, strict=True):
+        assert max(abs(sf[k] - sa[k]) for k in sf) < 1e-3

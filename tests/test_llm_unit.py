@@ -383,7 +383,11 @@ def test_call_records(monkeypatch, tmp_path):
 
 def test_chat_expected_values_reads_values_not_keys():
     from head_explain.llm.base import TokenLogprob
-    from head_explain.simulate import chat_expected_values, parse_chat_values, values_schema
+    from head_explain.simulation_replies import (
+        chat_expected_values,
+        parse_chat_values,
+        values_schema,
+    )
 
     text = '{"1": 0, "2": 7}'
     toks = ['{"', "1", '":', " 0", ",", ' "', "2", '":', " 7", "}"]

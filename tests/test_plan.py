@@ -34,6 +34,14 @@ def test_plan_of_the_seed_default_job(tmp_path, monkeypatch, no_network):
     assert simulate["method"] == "chat" and explain["estimated"] and explain["cached"] == 0
     assert 0 < explain["cost_usd"] < simulate["cost_usd"] and p["total_usd"] > 0.1
     assert explain["completion_tokens"] == 144 * cfg.explain_max_tokens  # an upper bound
+    # 5 excerpts a request: 2 simulation requests per explanation instead of 10
+    batched = plan(config.build({**cfg_dict(tmp_path), "excerpts_per_request": 5}))
+    assert batched["stages"][1]["requests"] == 144 * 2 * (2 + 10)
+    assert batched["stages"][1]["prompt_tokens"] < simulate["prompt_tokens"]
+
+
+def cfg_dict(tmp_path) -> dict:
+    return {"outdir": str(tmp_path / "out"), "llm_cache": str(tmp_path / "c.sqlite")}
 
 
 @pytest.mark.slow

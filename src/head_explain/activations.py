@@ -36,6 +36,17 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
+from head_explain.attention_math import head_writes, token_masks, write_norm_factor
+from head_explain.head_buffers import (
+    HeadStats,
+    HeadTop,
+    new_top,
+    update_stats,
+    update_top,
+)
+from head_explain.head_buffers import (
+    stats_rows as stats_rows_of,
+)
 from head_explain.pair_candidates import PAIRS_COLUMNS, candidate_pairs
 
 log = logging.getLogger(__name__)
@@ -55,37 +66,6 @@ class CacheSettings:
 
 
 @dataclass
-class _HeadTop:
-    """Candidate buffers of the heads of one layer: [h, slots, ...] on the model device.
-
-    The first `candidates` slots hold the running top; new candidates are written
-    after them and one topk merges both, in place. Allocated once: no growth.
-    """
-
-    vals: torch.Tensor  # [h, S] float32, -inf = empty slot
-    win: torch.Tensor  # [h, S] int64
-    pos: torch.Tensor  # [h, S] int64
-    src_pos: torch.Tensor  # [h, S, k]
-    src_attn: torch.Tensor  # [h, S, k]
-    src_write: torch.Tensor  # [h, S, k]
-    acts: torch.Tensor  # [h, S, T] float16: the candidate's whole window
-
-
-@dataclass
-class _HeadStats:
-    act_sum: torch.Tensor
-    act_max: torch.Tensor
-    n: torch.Tensor
-    bos: torch.Tensor
-    dist: torch.Tensor
-    prev: torch.Tensor
-    dup: torch.Tensor
-    dup_n: torch.Tensor
-    ind: torch.Tensor
-    ind_n: torch.Tensor
-
-
-@dataclass
 class CacheResult:
     raw_events: pd.DataFrame
     head_stats: pd.DataFrame
@@ -93,54 +73,6 @@ class CacheResult:
     seconds: float = 0.0
     tokens: int = 0
     pairs: pd.DataFrame | None = None  # pair-scoring candidates of the random windows
-
-
-def head_writes(
-    pattern: torch.Tensor, z: torch.Tensor, v: torch.Tensor, w_o: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token write norms and per-source value-write norms for some heads of a layer.
-
-    pattern [b, h, dest, src], z [b, pos, h, d_head], v [b, pos, h, d_head] (already
-    expanded from KV heads), w_o [h, d_head, m]: W_O itself or its norm factor (same
-    norms, see `write_norm_factor`). Returns act [b, h, dest] = ‖z·W_O‖ and
-    vnorm [b, h, src] = ‖v·W_O‖.
-    """
-    act = torch.linalg.vector_norm(torch.einsum("bphd,hdm->bhpm", z, w_o), dim=-1)
-    vnorm = torch.linalg.vector_norm(torch.einsum("bphd,hdm->bhpm", v, w_o), dim=-1)
-    return act, vnorm
-
-
-def write_norm_factor(w_o: torch.Tensor) -> torch.Tensor:
-    """F [h, d_head, r] with ‖x·F‖ = ‖x·W_O‖ for every x, r = min(d_head, d_model).
-
-    W_Oᵀ = Q·R (reduced QR, Q orthonormal columns) gives x·W_O = x·Rᵀ·Qᵀ and
-    ‖x·Rᵀ·Qᵀ‖ = ‖x·Rᵀ‖: the norm costs d_head² instead of d_head·d_model per token
-    (9× less on SmolLM2, 12× on GPT-2) and stays an exact norm (no cancellation, unlike
-    the quadratic form xᵀ·W_O·W_Oᵀ·x). Computed in float64.
-    """
-    w = w_o.double()
-    if w.shape[1] >= w.shape[2]:
-        return w_o.float()
-    _, r = torch.linalg.qr(w.transpose(1, 2))  # [h, d_model, d_head] -> R [h, d_head, d_head]
-    return r.transpose(1, 2).float()
-
-
-def token_masks(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Duplicate-token and induction masks [b, dest, src] measured on natural text.
-
-    dup[t, s]: an earlier s (not BOS) holds the same token as t.
-    ind[t, s]: the token before s equals the token at t (s is what followed t's
-    previous occurrence), with s < t.
-    """
-    b, n = tokens.shape
-    pos = torch.arange(n, device=tokens.device)
-    earlier = pos[None, :] < pos[:, None]  # [dest, src]
-    same = tokens[:, :, None] == tokens[:, None, :]  # [b, dest, src]
-    dup = same & earlier & (pos[None, :] >= 1)
-    prev_same = torch.zeros_like(same)
-    prev_same[:, :, 1:] = same[:, :, :-1]  # tokens[t] == tokens[s-1]
-    ind = prev_same & earlier & (pos[None, :] >= 2)
-    return dup, ind
 
 
 def sync(device: torch.device) -> None:
@@ -185,8 +117,8 @@ class HeadActivationCache:
             layer: write_norm_factor(bridge.W_O[layer, hs].detach()).to(self.device)
             for layer, hs in self.by_layer.items()
         }
-        self.top: dict[int, _HeadTop] = {}
-        self.stats: dict[int, _HeadStats] = {}
+        self.top: dict[int, HeadTop] = {}
+        self.stats: dict[int, HeadStats] = {}
         self.random_rows: list[tuple[int, int, int, np.ndarray]] = []
         self.random_events: list[dict] = []
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
@@ -232,94 +164,14 @@ class HeadActivationCache:
             v = v[:, :, full // group]
         act, vnorm = head_writes(pattern, z, v.float(), self.w_o[layer])
         tokens, win_ids, dup, ind = self._batch  # type: ignore[misc]
-        self._update_stats(layer, act, pattern, dup, ind)
-        self._update_top(layer, act, vnorm, pattern, win_ids)
-        self._record_random(layer, hs, act, vnorm, pattern, win_ids)
-
-    def _update_stats(self, layer, act, pattern, dup, ind) -> None:
-        b, h, n, _ = pattern.shape
-        pos = torch.arange(n, device=act.device)
-        a = act[:, :, 1:]  # dest 0 is BOS: it attends only to itself
-        # Σ_{b,t,s} p·max(t-s, 0) as one contraction: no [b, h, T, S] temporaries.
-        dist = (pos[:, None] - pos[None, :]).clamp(min=0).float()
-        dist_sum = torch.einsum("bhts,ts->h", pattern, dist)
-        # dup/ind are sparse: sum p over their (b, t, s) pairs (dest 0 has none).
-        db, dt, ds = dup.nonzero(as_tuple=True)
-        ib, it, is_ = ind.nonzero(as_tuple=True)
-        prev = torch.diagonal(pattern, offset=-1, dim1=-2, dim2=-1)[:, :, 1:]  # t>=2
-        new = _HeadStats(
-            act_sum=a.sum((0, 2)).double(),
-            act_max=a.amax((0, 2)),
-            n=torch.full((h,), a.shape[0] * a.shape[2], device=a.device, dtype=torch.float64),
-            bos=pattern[:, :, 1:, 0].sum((0, 2)).double(),
-            dist=dist_sum.double(),
-            prev=prev.sum((0, 2)).double(),
-            dup=pattern[db, :, dt, ds].sum(0).double(),
-            dup_n=dup[:, 1:].any(-1).sum().double().expand(h).clone(),
-            ind=pattern[ib, :, it, is_].sum(0).double(),
-            ind_n=ind[:, 1:].any(-1).sum().double().expand(h).clone(),
-        )
-        old = self.stats.get(layer)
-        if old is None:
-            self.stats[layer] = new
-            return
-        for f in fields(_HeadStats):
-            a_old, a_new = getattr(old, f.name), getattr(new, f.name)
-            merged = torch.maximum(a_old, a_new) if f.name == "act_max" else a_old + a_new
-            setattr(old, f.name, merged)
-
-    def _new_top(self, h: int, n: int, ks: int) -> _HeadTop:
-        s = self.settings
-        slots = s.candidates + s.batch_size * min(s.max_events_per_window, n - 1)
-        dev = self.device
-
-        def empty(*shape, dtype=torch.float32):
-            return torch.zeros((h, slots, *shape), device=dev, dtype=dtype)
-
-        top = _HeadTop(
-            vals=torch.full((h, slots), float("-inf"), device=dev),
-            win=empty(dtype=torch.long), pos=empty(dtype=torch.long),
-            src_pos=empty(ks, dtype=torch.long), src_attn=empty(ks), src_write=empty(ks),
-            acts=empty(n, dtype=torch.float16),
-        )  # fmt: skip
-        return top
-
-    def _update_top(self, layer, act, vnorm, pattern, win_ids) -> None:
-        s = self.settings
-        b, h, n = act.shape
-        k = min(s.max_events_per_window, n - 1)
-        ks = min(s.top_sources, n)
-        masked = act.clone()
-        masked[:, :, 0] = float("-inf")  # never an event at BOS
-        vals, pos = masked.topk(k, dim=-1)  # [b, h, k]
-        rows = torch.gather(
-            pattern, 2, pos[..., None].expand(b, h, k, pattern.shape[-1])
-        )  # [b, h, k, S]
-        src_write, src_pos = (rows * vnorm[:, :, None, :]).topk(ks, dim=-1)
-        src_attn = torch.gather(rows, -1, src_pos)
-
-        # candidates [h, b*k, ...]
-        def flat(t):
-            return t.permute(1, 0, 2, *range(3, t.dim())).reshape(h, b * k, *t.shape[3:])
-
+        update_stats(self.stats, layer, act, pattern, dup, ind)
         top = self.top.get(layer)
         if top is None:
-            top = self.top[layer] = self._new_top(h, n, ks)
-        c = s.candidates
-        new = dict(
-            vals=flat(vals), win=flat(win_ids[:, None, None].expand(b, h, k)), pos=flat(pos),
-            src_pos=flat(src_pos), src_attn=flat(src_attn), src_write=flat(src_write),
-            acts=flat(act[:, :, None, :].expand(b, h, k, n)),
-        )  # fmt: skip
-        for name, value in new.items():  # write after the kept top (a short last batch
-            buf = getattr(top, name)  # leaves -inf slots that never win)
-            buf[:, c : c + b * k] = value
-            buf[:, c + b * k :] = float("-inf") if name == "vals" else 0
-        keep = top.vals.topk(c, dim=1).indices  # [h, C]
-        for f in fields(_HeadTop):
-            buf = getattr(top, f.name)
-            index = keep.view(h, c, *([1] * (buf.dim() - 2))).expand(h, c, *buf.shape[2:])
-            buf[:, :c] = torch.gather(buf, 1, index)
+            b, h, n = act.shape
+            ks = min(self.settings.top_sources, n)
+            top = self.top[layer] = new_top(self.settings, h, n, ks, self.device)
+        update_top(top, self.settings, act, vnorm, pattern, win_ids)
+        self._record_random(layer, hs, act, vnorm, pattern, win_ids)
 
     def _record_random(self, layer, hs, act, vnorm, pattern, win_ids) -> None:
         if not self.settings.random_window_ids:
@@ -406,7 +258,7 @@ class HeadActivationCache:
         for layer, hs in self.by_layer.items():
             top, st = self.top[layer], self.stats[layer]
             h = len(hs)
-            cpu = {f.name: getattr(top, f.name)[:, :c].cpu().numpy() for f in fields(_HeadTop)}
+            cpu = {f.name: getattr(top, f.name)[:, :c].cpu().numpy() for f in fields(HeadTop)}
             valid = np.isfinite(cpu["vals"])  # fewer candidates than slots: -inf stays out
             order = np.argsort(-cpu["vals"], axis=1, kind="stable")
             for name in cpu:
@@ -431,7 +283,7 @@ class HeadActivationCache:
                 act_cols["head"] += [head] * len(first)
                 act_cols["window_id"] += wins[first].tolist()
                 act_cols["acts"] += list(cpu["acts"][hi][valid[hi]][first].astype(np.float32))
-            stats_rows += self._stats_rows(layer, hs, st)
+            stats_rows += stats_rows_of(layer, hs, st, self._n_tokens)
         raw = pd.DataFrame(
             {
                 name: (list(np.concatenate(v)) if name.startswith("src_") else np.concatenate(v))
@@ -454,27 +306,6 @@ class HeadActivationCache:
             activations=acts.sort_values(["layer", "head", "window_id"]).reset_index(drop=True),
             pairs=pd.DataFrame(self.random_pairs, columns=PAIRS_COLUMNS),
         )  # fmt: skip
-
-    def _stats_rows(self, layer: int, hs: list[int], st: _HeadStats) -> list[dict]:
-        n, dup_n, ind_n = (t.cpu().numpy() for t in (st.n, st.dup_n, st.ind_n))
-        rows = []
-        for hi, head in enumerate(hs):
-            # prev-token counts dest 2.. (dest 1's previous token is BOS): (T-2)/(T-1)
-            n_prev = n[hi] * (self._n_tokens - 2) / max(1, self._n_tokens - 1)
-            rows.append(
-                dict(
-                    layer=layer, head=head,
-                    mean_act=float(st.act_sum[hi] / n[hi]),
-                    max_act=float(st.act_max[hi]),
-                    bos_frac=float(st.bos[hi] / n[hi]),
-                    mean_attn_dist=float(st.dist[hi] / n[hi]),
-                    prev_token=float(st.prev[hi] / max(n_prev, 1)),
-                    duplicate_token=float(st.dup[hi] / dup_n[hi]) if dup_n[hi] else float("nan"),
-                    induction=float(st.ind[hi] / ind_n[hi]) if ind_n[hi] else float("nan"),
-                    n_events=int(n[hi]),
-                )
-            )  # fmt: skip
-        return rows
 
 
 def choose_random_windows(n_windows: int, count: int, seed: int) -> frozenset[int]:

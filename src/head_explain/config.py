@@ -144,7 +144,16 @@ class Config:
         "auto (echo where the endpoint scores prompts, else chat), echo or chat.",
         SIM_METHODS,
     )
-    llm_concurrency: int = _f(4, "LLM requests in flight at once.")
+    llm_concurrency: int = _f(
+        16,
+        "LLM requests in flight at most (halved on a 429, regrown while none come); the "
+        "embedded backend computes one at a time whatever this is.",
+    )
+    excerpts_per_request: int = _f(
+        1,
+        "Scoring excerpts of one head simulated in one request (their tokens numbered on, "
+        "or one echo prompt with a sequence each): fewer, longer requests. 1: one each.",
+    )
     llm_timeout_s: float = _f(60.0, "Timeout of one LLM request, seconds.")
     llm_max_retries: int = _f(4, "Retries of one LLM request on 429/5xx/timeouts.")
     llm_cache: str = _f(
@@ -295,6 +304,7 @@ def validate(cfg: Config) -> None:
         "explain_examples",
         "excerpt_len",
         "llm_concurrency",
+        "excerpts_per_request",
         "min_cluster_size",
     ]
     for name in positive:

@@ -110,6 +110,13 @@ def template_clause(ev: dict | None) -> str:
     return f"This head attends from tokens like {' and '.join(dest)} to tokens like {' and '.join(src)}"
 
 
+# Where cut_completion's answer is settled: after some text, a sentence end followed by
+# whitespace, or a line break (every break str.splitlines knows). The embedded model stops
+# there (tests/test_explain_simulate_unit.py checks the cut is the same either way).
+_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+COMPLETION_STOP = rf"\S[^{_BREAKS}]*?(?:[.!?]\s|[{_BREAKS}])"
+
+
 def cut_completion(text: str) -> str:
     """The model's continuation of a clause, cut at its first sentence end or line."""
     text = text.strip().splitlines()[0] if text.strip() else ""
@@ -206,11 +213,15 @@ async def explain_head(
     return row
 
 
-async def _chat_into(backend, messages, max_tokens: int, row: dict, validate=None):
+async def _chat_into(
+    backend, messages, max_tokens: int, row: dict, validate=None, stop_pattern: str = ""
+):
     """One explainer call; its accounting goes into `row`. None (and row["error"]) when
     the call failed: recorded, never a crashed stage."""
     try:
-        res = await backend.chat(messages, max_tokens=max_tokens, validate=validate)
+        res = await backend.chat(
+            messages, max_tokens=max_tokens, validate=validate, stop_pattern=stop_pattern
+        )
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         return None
@@ -223,7 +234,7 @@ async def _chat_into(backend, messages, max_tokens: int, row: dict, validate=Non
 
 async def _complete_clause(backend, messages, max_tokens: int, row: dict, clause: str) -> dict:
     """The embedded model completes the measured clause; explanation = clause + its part."""
-    res = await _chat_into(backend, messages, max_tokens, row)
+    res = await _chat_into(backend, messages, max_tokens, row, stop_pattern=COMPLETION_STOP)
     if res is None:
         return row
     part = cut_completion(res.text)

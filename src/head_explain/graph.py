@@ -45,7 +45,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
     ],
     "simulate": [
         "llm", "openai_model", "openai_base_url", "simulator_model", "simulation_method",
-        "pair_prompt", "seed", "max_failed_fraction",
+        "pair_prompt", "excerpts_per_request", "seed", "max_failed_fraction",
     ],
     "cluster": ["embedding_model", "min_cluster_size"],
     # the browser re-reads one excerpt's attention rows with the subject model, and

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from head_explain.activations import token_masks
+from head_explain.attention_math import token_masks
 from head_explain.heads import head_name
 
 log = logging.getLogger(__name__)

@@ -127,7 +127,7 @@ def pair_request(templates, method: str, explanation: str, tokens, pairs) -> dic
 
 async def judge_excerpt(backend, method: str, templates, explanation: str, tokens, pairs):
     """P(head attends across the pair) for every pair of one excerpt, one request."""
-    from head_explain.simulate import parse_chat_values
+    from head_explain.simulation_replies import parse_chat_values
 
     req = pair_request(templates, method, explanation, tokens, pairs)
     if method == "echo":
@@ -209,7 +209,10 @@ async def score_pairs(
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 return np.full(len(pairs), np.nan)
 
-        parts = await asyncio.gather(*(one(t, p) for t, p, _ in table))
+        from head_explain.simulate import explanation_prefix
+
+        async with explanation_prefix(backend, method, templates["echo"], expl, "text"):
+            parts = await asyncio.gather(*(one(t, p) for t, p, _ in table))
         return np.concatenate(parts) if parts else np.array([])
 
     preds = {"template": tmpl}

@@ -155,12 +155,14 @@ def plan(cfg: Config) -> dict[str, Any]:
         for key in heads:
             ev = evidence.get(key)
             msgs = explain.build_messages(tpl, groups[key], ev)
+            stop = ""
             if cfg.llm == "embedded" and tpl.name != explain.PROMPT:  # as explain_head:
                 clause = explain.template_clause(ev)  # the measured clause starts the answer
                 msgs.append({"role": "assistant", "content": clause + explain.WHEN})
+                stop = explain.COMPLETION_STOP
             elif cfg.llm == "embedded":
                 msgs.append({"role": "assistant", "content": explain.PREFILL})
-            payload = chat_payload(msgs, cfg.explain_max_tokens, 0.0, 0)
+            payload = chat_payload(msgs, cfg.explain_max_tokens, 0.0, 0, None, stop)
             _add(sp, cache, cache_key({**ident, **payload}), not estimated,
                  sum(count(m["content"]) + 4 for m in msgs), cfg.explain_max_tokens)  # fmt: skip
         result.append(sp)
@@ -192,15 +194,17 @@ def plan(cfg: Config) -> dict[str, Any]:
                         pt = sum(count(m["content"]) + 4 for m in req["messages"])
                         ct = count(json.dumps([10] * len(pairs)))
                     _add(sp, cache, cache_key({**ident, **payload}), not sp.estimated, pt, ct)
-            for ex in simulate.head_excerpts(groups[key]):
+            excerpts = simulate.head_excerpts(groups[key])
+            for batch in simulate.request_batches(excerpts, cfg.excerpts_per_request):
+                seqs = [excerpts[i].tokens for i in batch]
+                n = sum(len(t) for t in seqs)
                 for text in texts:
                     if method == "echo":
-                        prompt, slots = simulate.build_echo_prompt(tpl, text, ex.tokens)
+                        prompt, slots = simulate.build_echo_prompt(tpl, text, *seqs)
                         payload = score_payload(prompt, slots, simulate.ECHO_VALUES)
                         pt, ct = count(prompt), 1
                     else:
-                        msgs = simulate.build_chat_messages(tpl, text, ex.tokens)
-                        n = len(ex.tokens)
+                        msgs = simulate.build_chat_messages(tpl, text, *seqs)
                         payload = chat_payload(msgs, 8 * n + 16, 0.0, 5, simulate.values_schema(n))
                         pt = sum(count(m["content"]) + 4 for m in msgs)
                         ct = count(json.dumps({str(i): 0 for i in range(1, n + 1)}))

@@ -20,22 +20,30 @@ random-only excerpts. The baseline scores each head with another head's explanat
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import math
-import re
 from dataclasses import dataclass
+from string import Template
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from head_explain.explain import show_token
+from head_explain.llm.base import held_prefix
 from head_explain.prompts import PromptTemplate
+from head_explain.simulation_replies import (
+    chat_values,
+    check_echo_slots,
+    expected_values,
+    values_schema,
+)
 
 ECHO_PROMPT = "simulate_echo_v1"
 CHAT_PROMPT = "simulate_chat_v2"
 ECHO_VALUES = [str(i) for i in range(10)]
 PLACEHOLDER = "unknown"
+SEQUENCE_BREAK = "<end>\n<start>\n"  # between excerpts batched into one echo prompt
 NO_BASELINE = "no baseline: no other explained head to borrow an explanation from"
 
 
@@ -48,127 +56,39 @@ class Excerpt:
 
 
 def build_echo_prompt(
-    template: PromptTemplate, explanation: str, tokens: list[str]
+    template: PromptTemplate, explanation: str, tokens: list[str], *more: list[str]
 ) -> tuple[str, list[int]]:
-    """The all-at-once prompt and the character offset of every value slot."""
+    """The all-at-once prompt and the character offset of every value slot. Further
+    excerpts (`more`) follow as sequences of their own, each closed by <end> and opened
+    by <start>, their slots after the first excerpt's (one request for several)."""
     head = template.render(explanation=explanation, lines="\x00")
     before, after = head.split("\x00")
     parts, slots, offset = [before], [], len(before)
-    for tok in tokens:
-        line = f"{show_token(tok)}\t"
-        offset += len(line)
-        slots.append(offset)
-        parts.append(line + PLACEHOLDER + "\n")
-        offset += len(PLACEHOLDER) + 1
+    for i, seq in enumerate((tokens, *more)):
+        if i:  # close the previous sequence (its last newline is already written)
+            parts.append(SEQUENCE_BREAK)
+            offset += len(SEQUENCE_BREAK)
+        for tok in seq:
+            line = f"{show_token(tok)}\t"
+            offset += len(line)
+            slots.append(offset)
+            parts.append(line + PLACEHOLDER + "\n")
+            offset += len(PLACEHOLDER) + 1
     text = "".join(parts)
     text = text[:-1] + after  # the template already ends the last line
     return text, slots
 
 
-def expected_values(slots: list[dict[str, float] | None], values: list[str]) -> np.ndarray:
-    """Expected value per slot over the candidates present (renormalised); NaN if none."""
-    out = np.full(len(slots), np.nan)
-    for i, dist in enumerate(slots):
-        if not dist:
-            continue
-        keys = [v for v in values if v in dist]
-        if not keys:
-            continue
-        lp = np.array([dist[k] for k in keys])
-        p = np.exp(lp - lp.max())
-        out[i] = float((p * np.array([float(k) for k in keys])).sum() / p.sum())
-    return out
-
-
 def build_chat_messages(
-    template: PromptTemplate, explanation: str, tokens: list[str]
+    template: PromptTemplate, explanation: str, tokens: list[str], *more: list[str]
 ) -> list[dict[str, str]]:
-    numbered = "\n".join(f"{i}. {show_token(t)!r}" for i, t in enumerate(tokens, 1))
-    return template.messages(explanation=explanation, numbered=numbered, n=len(tokens))
-
-
-def values_schema(n: int) -> dict[str, Any]:
-    """JSON schema of a chat simulation reply: {"1": v1, ..., "n": vn}, every vi a
-    required integer 0-10 (an enum: the form every constrained decoder supports)."""
-    value = {"type": "integer", "enum": list(range(11))}
-    keys = [str(i) for i in range(1, n + 1)]
-    return {
-        "type": "object",
-        "properties": {k: value for k in keys},
-        "required": keys,
-        "additionalProperties": False,
-    }
-
-
-_OBJECT_VALUE = re.compile(r'"\s*(\d+)\s*"\s*:\s*(-?\d+(?:\.\d+)?)')
-
-
-def chat_value_spans(text: str, n: int) -> list[tuple[int, float]]:
-    """(character offset, value) of each of the `n` values in a reply: a JSON object
-    {"1": v, ..., "n": v} (keys in any order) or, from free text, a JSON array.
-    ValueError when the reply has not exactly `n` numbers in 0-10."""
-    start = text.find("{")
-    if start >= 0:
-        end = text.find("}", start)
-        body = text[start : end + 1 if end >= 0 else len(text)]
-        found = {int(m.group(1)): (start + m.start(2), float(m.group(2)))
-                 for m in _OBJECT_VALUE.finditer(body)}  # fmt: skip
-        if not found:
-            raise ValueError("reply's object has no numbered values")
-        if sorted(found) != list(range(1, n + 1)):
-            raise ValueError(f"reply has values for {len(found)} token numbers, not 1..{n}")
-        spans = [found[i] for i in range(1, n + 1)]
-    else:
-        match = re.search(r"\[[^\[\]]*\]", text, flags=re.S)
-        if not match:
-            raise ValueError("reply has no JSON object or array")
-        try:
-            values = json.loads(match.group(0))
-        except json.JSONDecodeError:
-            raise ValueError("reply's array is not valid JSON") from None
-        if len(values) != n:
-            raise ValueError(f"reply has {len(values)} values for {n} tokens")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            raise ValueError("reply has values that are not numbers in 0-10")
-        nums = list(re.finditer(r"-?\d+(?:\.\d+)?", match.group(0)))
-        spans = [(match.start() + m.start(), float(v)) for m, v in zip(nums, values, strict=False)]
-    arr = np.array([v for _, v in spans])
-    if np.isnan(arr).any() or (arr < 0).any() or (arr > 10).any():
-        raise ValueError("reply has values that are not numbers in 0-10")
-    return spans
-
-
-def parse_chat_values(text: str, n: int) -> np.ndarray:
-    """The `n` values 0-10 of a reply (see chat_value_spans); ValueError otherwise."""
-    return np.array([v for _, v in chat_value_spans(text, n)])
-
-
-def chat_expected_values(logprobs, n: int, text: str = "") -> np.ndarray | None:
-    """Expected values from the top log-probs of the tokens that start each value in
-    the reply (found by character offset, so digits in keys are never mistaken for
-    values); None where the tokens do not spell the text or a value has no top list."""
-    if not logprobs:
-        return None
-    if not text:
-        text = "".join(lp.token for lp in logprobs)
-    if "".join(lp.token for lp in logprobs) != text:
-        return None
-    try:
-        spans = chat_value_spans(text, n)
-    except ValueError:
-        return None
-    starts: dict[int, Any] = {}
-    pos = 0
-    for lp in logprobs:  # a value's token may carry leading whitespace (" 5")
-        body = lp.token.lstrip()
-        starts[pos + len(lp.token) - len(body)] = lp
-        pos += len(lp.token)
-    chosen = [starts.get(off) for off, _ in spans]
-    if any(c is None for c in chosen):
-        return None
-    values = [str(i) for i in range(11)]
-    out = expected_values([{k.strip(): v for k, v in c.top.items()} for c in chosen], values)
-    return None if np.isnan(out).any() else out
+    """The chat prompt; further excerpts (`more`) follow after a blank line, their
+    tokens numbered on from the first's (one request for several)."""
+    blocks, n = [], 0
+    for seq in (tokens, *more):
+        blocks.append("\n".join(f"{n + i}. {show_token(t)!r}" for i, t in enumerate(seq, 1)))
+        n += len(seq)
+    return template.messages(explanation=explanation, numbered="\n\n".join(blocks), n=n)
 
 
 def correlation(pred: np.ndarray, true: np.ndarray) -> float:
@@ -183,63 +103,83 @@ def correlation(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.corrcoef(p, t)[0, 1])
 
 
-def chat_values(res, n: int) -> np.ndarray:
-    """A chat reply's `n` values (log-prob expectation, else the JSON array); ValueError
-    when it has neither (wrong shape, count or range): the backend then retries."""
-    values = parse_chat_values(res.text, n)  # the reply itself must be well formed
-    ev = chat_expected_values(res.logprobs, n, res.text)
-    return ev if ev is not None else values
-
-
-def check_echo_slots(res, n: int) -> None:
-    """ValueError unless an echo reply has `n` slots, at least one readable, and every
-    log-probability a number <= 0 (an all-unreadable reply would score as nothing)."""
-    if len(res.slots) != n:
-        raise ValueError(f"reply has {len(res.slots)} slots for {n} tokens")
-    if all(not s for s in res.slots):
-        raise ValueError(f"none of the {n} value slots could be read")
-    for s in res.slots:
-        for v in (s or {}).values():
-            if not isinstance(v, int | float) or math.isnan(v) or v > 1e-6:
-                raise ValueError(f"slot log-probability {v!r} is out of range")
-
-
 async def simulate_excerpt(
     backend, method: str, template: PromptTemplate, explanation: str, tokens: list[str]
 ) -> np.ndarray:
     """Predicted activation per token (NaN where a slot could not be read)."""
+    return (await simulate_batch(backend, method, template, explanation, [tokens]))[0]
+
+
+async def simulate_batch(
+    backend, method: str, template: PromptTemplate, explanation: str, batch: list[list[str]]
+) -> list[np.ndarray]:
+    """Predicted activations of several excerpts simulated in one request, one array per
+    excerpt (NaN where a slot could not be read)."""
+    n = sum(len(t) for t in batch)
     if method == "echo":
         # the instructions and few-shot example before the explanation are the same in
         # every prompt: an in-process backend computes them once
         await backend.share_prefix(template.text.split("$explanation")[0].rstrip())
-        prompt, slots = build_echo_prompt(template, explanation, tokens)
+        prompt, slots = build_echo_prompt(template, explanation, *batch)
         res = await backend.score_prompt(
-            prompt, slots, ECHO_VALUES, validate=lambda r: check_echo_slots(r, len(slots))
+            prompt, slots, ECHO_VALUES, validate=lambda r: check_echo_slots(r, n)
         )
-        return expected_values(res.slots, ECHO_VALUES)
-    res = await backend.chat(
-        build_chat_messages(template, explanation, tokens),
-        max_tokens=8 * len(tokens) + 16,  # '"12": 10, ' is up to 8 tokens
-        top_logprobs=5,
-        validate=lambda r: chat_values(r, len(tokens)),
-        json_schema=values_schema(len(tokens)),
-    )
-    return chat_values(res, len(tokens))
+        values = expected_values(res.slots, ECHO_VALUES)
+    else:
+        res = await backend.chat(
+            build_chat_messages(template, explanation, *batch),
+            max_tokens=8 * n + 16,  # '"12": 10, ' is up to 8 tokens
+            top_logprobs=5,
+            validate=lambda r: chat_values(r, n),
+            json_schema=values_schema(n),
+        )
+        values = chat_values(res, n)
+    return np.split(values, np.cumsum([len(t) for t in batch])[:-1])
+
+
+def request_batches(excerpts: list[Excerpt], per_request: int) -> list[list[int]]:
+    """Indices of the excerpts sent together: `per_request` at a time, in order."""
+    idx = list(range(len(excerpts)))
+    return [idx[i : i + per_request] for i in range(0, len(idx), max(1, per_request))]
 
 
 async def simulate_set(
-    backend, method, template, explanation, excerpts: list[Excerpt]
+    backend, method, template, explanation, excerpts: list[Excerpt], per_request: int = 1
 ) -> tuple[list[np.ndarray | None], list[str]]:
-    """Simulate every excerpt; a failed excerpt is None plus a reason, not a crash."""
+    """Simulate every excerpt, `per_request` of them per request; a failed request is
+    None for each of its excerpts plus a reason per excerpt (counted, not a crash)."""
+    preds: list[np.ndarray | None] = [None] * len(excerpts)
+    errors: list[str] = []
 
-    async def one(ex: Excerpt):
+    async def one(batch: list[int]) -> None:
         try:
-            return await simulate_excerpt(backend, method, template, explanation, ex.tokens), None
+            got = await simulate_batch(
+                backend, method, template, explanation, [excerpts[i].tokens for i in batch]
+            )
         except Exception as exc:
-            return None, f"{type(exc).__name__}: {exc}"[:300]
+            errors.extend([f"{type(exc).__name__}: {exc}"[:300]] * len(batch))
+            return
+        for i, values in zip(batch, got, strict=True):
+            preds[i] = values
 
-    results = await asyncio.gather(*(one(ex) for ex in excerpts))
-    return [r[0] for r in results], [r[1] for r in results if r[1]]
+    async with explanation_prefix(backend, method, template, explanation, "lines"):
+        await asyncio.gather(*(one(b) for b in request_batches(excerpts, per_request)))
+    return preds, errors
+
+
+def explanation_prefix(backend, method: str, template: PromptTemplate, explanation: str,
+                       first: str):  # fmt: skip
+    """While one explanation's prompts run, an in-process echo backend keeps the KV cache
+    of the template up to the explanation's end (the text before `$<first>`), computed
+    from the template's shared part: each prompt then runs only its excerpt."""
+    if method != "echo":
+        return contextlib.nullcontext()
+    names = [
+        n for n in Template(template.text).get_identifiers() if n not in ("explanation", first)
+    ]
+    text = template.render(explanation=explanation, **{first: "\x00"}, **dict.fromkeys(names, ""))
+    base = template.text.split("$explanation")[0].rstrip()
+    return held_prefix(backend, text.split("\x00")[0].rstrip(), base)
 
 
 def pooled_scores(excerpts: list[Excerpt], preds: list[np.ndarray | None]) -> dict[str, float]:
@@ -290,7 +230,7 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 async def score_head(
     backend, method: str, template: PromptTemplate, layer: int, head: int, explanation: str,
-    baseline_explanation: str, baseline_from: str, events: pd.DataFrame,
+    baseline_explanation: str, baseline_from: str, events: pd.DataFrame, per_request: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """One scores.parquet row: real score, split scores and the baseline score."""
     excerpts = head_excerpts(events)
@@ -299,6 +239,7 @@ async def score_head(
         baseline_score=math.nan, baseline_from=baseline_from, method=method,
         simulator_model=backend.model, n_tokens=int(sum(len(e.tokens) for e in excerpts)),
         n_failed=0, error=None, baseline_error=None, sim_events=[], sim_acts=[],
+        excerpts_per_request=per_request,
     )  # fmt: skip
     if not explanation:
         row["error"] = "no explanation to score"
@@ -309,12 +250,14 @@ async def score_head(
     if not baseline_explanation:  # scoring the head's own text again is no baseline
         row["baseline_from"] = ""
         row["baseline_error"] = NO_BASELINE
-        preds, errs = await simulate_set(backend, method, template, explanation, excerpts)
+        preds, errs = await simulate_set(
+            backend, method, template, explanation, excerpts, per_request
+        )
         base_errs: list[str] = []
     else:
         (preds, errs), (base_preds, base_errs) = await asyncio.gather(
-            simulate_set(backend, method, template, explanation, excerpts),
-            simulate_set(backend, method, template, baseline_explanation, excerpts),
+            simulate_set(backend, method, template, explanation, excerpts, per_request),
+            simulate_set(backend, method, template, baseline_explanation, excerpts, per_request),
         )
         row["baseline_score"] = pooled_scores(excerpts, base_preds)["score"]
     row.update(pooled_scores(excerpts, preds))

@@ -9,7 +9,6 @@ identifiers are logged, never environment variables, so no secret can leak into 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -20,7 +19,6 @@ import subprocess
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from head_explain.run_records import (
     per_head_extra_metrics,
     read_llm_calls,
 )
+from head_explain.tracking_store import artifact_root, redact, store_lock, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -59,39 +58,6 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else sqlite:///<DVC_ROOT or cwd>/mlflow.db (absolute)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if uri:
-        return uri
-    root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def _artifact_root(uri: str) -> str | None:
-    """Artifact folder beside a local SQLite db or file store; None for servers."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        if str(db) in ("", ":memory:"):
-            return None
-        return (db.resolve().parent / "mlartifacts").as_uri()
-    return None  # file stores keep artifacts inside; servers choose their own
-
-
-def _redact(value: str) -> str:
-    """Strip credentials from URLs (https://user:key@host) and key-like query args.
-
-    Config values are logged verbatim otherwise; a base URL is the one field where a
-    user may paste a key, so it is scrubbed rather than trusted.
-    """
-    value = re.sub(r"(://)[^/@\s]*@", r"\1", value)
-    return re.sub(
-        r"(?i)([?&](?:api[_-]?key|key|token|secret|password|access_token)=)[^&#\s]*",
-        r"\1***",
-        value,
-    )
-
-
 def config_params(cfg: Any) -> dict[str, str]:
     """All resolved config fields as MLflow params (flattened, redacted, truncated)."""
     flat: dict[str, Any] = {}
@@ -106,7 +72,7 @@ def config_params(cfg: Any) -> dict[str, str]:
             flat[prefix] = obj
 
     walk("", cfg)
-    return {k: _redact(str(v))[:MAX_PARAM_LEN] for k, v in flat.items()}
+    return {k: redact(str(v))[:MAX_PARAM_LEN] for k, v in flat.items()}
 
 
 def _git_commit() -> str | None:
@@ -179,7 +145,7 @@ def _tags(cfg: Any, outdir: Path) -> dict[str, str]:
     sha = _git_commit()
     if sha:
         tags["git_commit"] = sha
-    return {k: _redact(v)[:MAX_PARAM_LEN] for k, v in tags.items()}
+    return {k: redact(v)[:MAX_PARAM_LEN] for k, v in tags.items()}
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
@@ -188,7 +154,7 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    return client.create_experiment(name, artifact_location=artifact_root(uri))
 
 
 def log_run(cfg: Any, outdir: str | Path, metrics: dict) -> str:
@@ -243,10 +209,10 @@ def _log_run(cfg: Any, outdir: Path, metrics: dict) -> str:
             "run_id": run_id,
             "experiment_id": exp_id,
             "experiment_name": exp_name,
-            "tracking_uri": _redact(uri),
+            "tracking_uri": redact(uri),
         },
     )
-    log.info("mlflow: run %s in experiment '%s' at %s", run_id, exp_name, _redact(uri))
+    log.info("mlflow: run %s in experiment '%s' at %s", run_id, exp_name, redact(uri))
     return run_id
 
 
@@ -282,94 +248,3 @@ def _log_traces(client: Any, uri: str, exp_id: str, run_id: str, outdir: Path) -
 
 
 # ------------------------------------------------------------ preflight and first use
-DB_SCHEMES = ("postgresql", "mysql", "mssql")
-TRACKING_SCHEMES = ("sqlite", "file", "http", "https", *DB_SCHEMES)
-REACH_TIMEOUT_S = 5.0
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    rest = uri.removeprefix("sqlite:///")
-    return None if rest in ("", ":memory:") or rest == uri else Path(rest)
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Serialise the first use of a local SQLite store across processes.
-
-    Two runs that both find no mlflow.db would both run MLflow's schema migration
-    (alembic) and one dies; a file lock beside the db makes the second wait.
-    """
-    db = _sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    from filelock import FileLock
-
-    with FileLock(str(db) + ".lock", timeout=300):
-        yield
-
-
-def check_tracking(cfg: Any) -> None:
-    """Preflight for the report stage: the MLflow store can be used; writes nothing.
-
-    A supported scheme, a non-empty experiment name, a writable folder for a local
-    store, an answering server for http(s). Database servers are only scheme-checked.
-    """
-    from head_explain.errors import ConfigError
-
-    if not str(cfg.mlflow_experiment).strip():
-        raise ConfigError("key 'mlflow_experiment': empty; give an MLflow experiment name")
-    uri = tracking_uri()
-    shown = _redact(uri)
-    where = (
-        "MLFLOW_TRACKING_URI"
-        if os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-        else "the default store"
-    )
-    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
-    if scheme and scheme not in TRACKING_SCHEMES:
-        raise ConfigError(
-            f"{where} '{shown}': scheme '{scheme}' is not supported; valid: "
-            f"{', '.join(TRACKING_SCHEMES)} or a local folder"
-        )
-    if scheme in ("http", "https"):
-        _check_server(uri, shown, where)
-        return
-    if scheme in DB_SCHEMES:
-        return
-    if scheme == "sqlite":
-        db = _sqlite_path(uri)
-        if db is None:
-            raise ConfigError(f"{where} '{shown}': give a file, sqlite:///path/to/mlflow.db")
-        folder = db.parent
-        target = db if db.exists() else folder
-    else:
-        target = folder = Path(uri.removeprefix("file://") if scheme else uri)
-        while not target.exists() and target != target.parent:
-            target = target.parent
-    if not folder.is_dir() and scheme == "sqlite":
-        raise ConfigError(f"{where} '{shown}': folder {folder} does not exist")
-    if scheme != "sqlite" and not target.is_dir():
-        raise ConfigError(f"{where} '{shown}': {target} is a file, not a folder for runs")
-    if not os.access(target, os.W_OK):
-        raise ConfigError(f"{where} '{shown}': {target} is not writable")
-
-
-def _check_server(uri: str, shown: str, where: str) -> None:
-    import httpx
-
-    from head_explain.errors import ConfigError
-
-    url = uri.rstrip("/") + "/health"
-    try:
-        resp = httpx.get(url, timeout=REACH_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        why = _redact(" ".join(f"{type(exc).__name__}: {exc}".split()))[:160]
-        raise ConfigError(
-            f"{where} '{shown}' does not answer within {REACH_TIMEOUT_S:g}s ({why}); start "
-            "the MLflow server or unset MLFLOW_TRACKING_URI for the local mlflow.db"
-        ) from None
-    if resp.status_code >= 500:
-        raise ConfigError(
-            f"{where} '{shown}' answers HTTP {resp.status_code}; is it an MLflow server?"
-        )

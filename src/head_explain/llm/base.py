@@ -16,8 +16,9 @@ fails at once without a request (see llm/cache.py for why).
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from head_explain.llm.fetch import CachedFetcher, CostLimitReached
@@ -68,6 +69,14 @@ class LLMBackend(CachedFetcher, ABC):
         """A hint: many prompts will start with `text` (a backend may reuse its work)."""
         return None  # remote endpoints cache prompt prefixes themselves, if at all
 
+    async def hold_prefix(self, text: str, base: str = "") -> None:
+        """A hint: the prompts sent until `release_prefix(text)` mostly start with `text`
+        (one head's explanation in a shared template); `base` is a shared prefix of it."""
+        return None
+
+    async def release_prefix(self, text: str) -> None:
+        return None
+
     @abstractmethod
     def supports_echo(self) -> bool:
         """Whether `score_prompt` works here."""
@@ -95,6 +104,7 @@ class LLMBackend(CachedFetcher, ABC):
         top_logprobs: int = 0,
         validate: Callable[[ChatResult], None] | None = None,
         json_schema: dict | None = None,
+        stop_pattern: str = "",
     ) -> ChatResult:
         """One chat completion; a cached answer comes back with cached=True.
 
@@ -103,18 +113,23 @@ class LLMBackend(CachedFetcher, ABC):
         ("unusable reply after N tries: <reason>") and the last reply is remembered as
         unusable, so the same call later raises LLMError("unusable reply (cached):
         <reason>") without a request. A cached usable reply it rejects is asked again.
-        `json_schema` constrains the reply where the endpoint supports it.
+        `json_schema` constrains the reply where the endpoint supports it;
+        `stop_pattern` ends an in-process generation early (see ChatOptions).
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        payload = chat_payload(messages, max_tokens, temperature, top_logprobs, json_schema)
+        payload = chat_payload(
+            messages, max_tokens, temperature, top_logprobs, json_schema, stop_pattern
+        )
         msgs = payload["messages"]
         opts = ChatOptions(
-            int(max_tokens), float(temperature), int(top_logprobs), None, json_schema
-        )
+            int(max_tokens), float(temperature), int(top_logprobs), None, json_schema,
+            stop_pattern,
+        )  # fmt: skip
         varied = ChatOptions(
-            opts.max_tokens, VARIED["temperature"], opts.top_logprobs, VARIED["seed"], json_schema
-        )
+            opts.max_tokens, VARIED["temperature"], opts.top_logprobs, VARIED["seed"], json_schema,
+            stop_pattern,
+        )  # fmt: skip
         return await self._recorded(
             "chat",
             lambda: self._call(
@@ -159,3 +174,13 @@ class LLMBackend(CachedFetcher, ABC):
                 self.price(len(prompt) // 4 + 1, 1),
             ),
         )
+
+
+@contextlib.asynccontextmanager
+async def held_prefix(backend: LLMBackend, text: str, base: str = "") -> AsyncIterator[None]:
+    """hold_prefix for the duration of a block, released however it ends."""
+    await backend.hold_prefix(text, base)
+    try:
+        yield
+    finally:
+        await backend.release_prefix(text)

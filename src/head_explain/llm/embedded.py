@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
+import warnings
 from typing import Any
 
 from head_explain.errors import LLMError
@@ -52,6 +54,13 @@ class _Engine:
         # prompt's instructions and few-shot example: computed once, reused by every
         # prompt that starts with exactly those tokens (see `share_prefix`).
         self.prefixes: dict[tuple[int, ...], Any] = {}
+        # Held prefixes (one head's explanation in a template, see `hold_prefix`): how
+        # many holders each has; dropped when the last releases it.
+        self.holds: dict[tuple[int, ...], int] = {}
+        # transformers 5 renames the KV argument later; today's name is the working one,
+        # and its FutureWarning would otherwise repeat in every stage log
+        warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated",
+                                category=FutureWarning)  # fmt: skip
         log.info("embedded LLM %s loaded in %.1fs", MODEL_NAME, time.perf_counter() - t0)
 
     # --- chat ----------------------------------------------------------------------
@@ -76,6 +85,8 @@ class _Engine:
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if opts.stop_pattern:
+            sampling["stopping_criteria"] = [_PatternStop(self.tok, n_prompt, opts.stop_pattern)]
         with self.lock, torch.inference_mode():
             if temperature > 0:  # sampled: seeded, so a rerun gives the same reply
                 torch.manual_seed(0 if seed is None else seed)
@@ -138,21 +149,68 @@ class _Engine:
         Which prompts use it depends only on their text, so their numbers stay the same
         on every run (they differ from a full pass only in float rounding, ~1e-6)."""
         ids = tuple(self.tok.encode(text, add_special_tokens=False))
-        if len(ids) < MIN_PREFIX_TOKENS or ids in self.prefixes:
+        if len(ids) < MIN_PREFIX_TOKENS:
             return
+        with self.lock:
+            self._pinned(ids)
+
+    def _pinned(self, ids: tuple[int, ...]) -> Any:
+        """The KV cache of a shared (pinned) prefix, computed from scratch if missing.
+        Call with the lock held."""
+        if ids not in self.prefixes:
+            pinned = [p for p in self.prefixes if p not in self.holds]
+            if len(pinned) >= MAX_PREFIXES:  # the oldest shared prefix goes
+                del self.prefixes[pinned[0]]
+            self.prefixes[ids] = self._extend(None, ids)
+        return self.prefixes[ids]
+
+    def _extend(self, kv: Any, ids: tuple[int, ...]) -> Any:
+        """KV cache of `ids`, on a copy of `kv` (the cache of a token-prefix of `ids`)."""
+        import copy
+
         torch = self.torch
-        with self.lock, torch.inference_mode():
-            if len(self.prefixes) >= MAX_PREFIXES:
-                self.prefixes.pop(next(iter(self.prefixes)))
-            out = self.model.base_model(input_ids=torch.tensor([ids]), use_cache=True)
-            self.prefixes[ids] = out.past_key_values
+        start = 0 if kv is None else kv.get_seq_length()
+        with torch.inference_mode():
+            out = self.model.base_model(
+                input_ids=torch.tensor([ids[start:]]),
+                past_key_values=None if kv is None else copy.deepcopy(kv), use_cache=True,
+            )  # fmt: skip
+        return out.past_key_values
+
+    def hold_prefix(self, text: str, base: str = "") -> None:
+        """Keep `text`'s KV cache until as many `release_prefix(text)` calls. It is always
+        computed the same way, from `base`'s cache when `base` is a token-prefix of it,
+        else from scratch, so a prompt's numbers never depend on what else ran."""
+        ids = tuple(self.tok.encode(text, add_special_tokens=False))
+        base_ids = tuple(self.tok.encode(base, add_special_tokens=False)) if base else ()
+        with self.lock:
+            if ids in self.holds:
+                self.holds[ids] += 1
+                return
+            if ids in self.prefixes:  # already shared: pinned, nothing to hold
+                return
+            start = len(base_ids) >= MIN_PREFIX_TOKENS and ids[: len(base_ids)] == base_ids
+            kv = self._pinned(base_ids) if start and len(ids) > len(base_ids) else None
+            self.prefixes[ids] = self._extend(kv, ids)
+            self.holds[ids] = 1
+
+    def release_prefix(self, text: str) -> None:
+        ids = tuple(self.tok.encode(text, add_special_tokens=False))
+        with self.lock:
+            if ids not in self.holds:
+                return
+            self.holds[ids] -= 1
+            if self.holds[ids] == 0:
+                del self.holds[ids], self.prefixes[ids]
 
     def _prefix_of(self, ids: list[int], positions: list[int]) -> tuple[int, ...] | None:
+        """The longest known prefix of `ids` that ends before every scored position."""
+        best = None
         for p in self.prefixes:
             n = len(p)
-            if len(ids) > n and tuple(ids[:n]) == p and min(positions) >= n:
-                return p
-        return None
+            if len(ids) > n and min(positions) >= n and tuple(ids[:n]) == p:
+                best = p if best is None or n > len(best) else best
+        return best
 
     def forward_logprobs(self, batch: list[tuple[list[int], list[int]]]) -> list[Any]:
         """For each (ids, positions): log_softmax rows at those positions.
@@ -183,6 +241,23 @@ class _Engine:
                 h = hidden[rows]  # only the rows we need go through lm_head
                 out.append(torch.log_softmax(self.model.lm_head(h).float(), dim=-1))
         return out
+
+
+class _PatternStop:
+    """Generation stopping criterion: the decoded reply so far matches a regex."""
+
+    def __init__(self, tok, n_prompt: int, pattern: str):
+        self.tok, self.n_prompt, self.pattern = tok, n_prompt, re.compile(pattern)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = []
+        for row in input_ids.tolist():
+            text = self.tok.decode(row[self.n_prompt :], skip_special_tokens=True)
+            # a character split over tokens decodes as U+FFFD until it is whole: wait
+            done.append("\ufffd" not in text and self.pattern.search(text) is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 _ENGINE: _Engine | None = None
@@ -218,6 +293,14 @@ class EmbeddedBackend(LLMBackend):
     async def share_prefix(self, text: str) -> None:
         eng = await self._engine()
         await asyncio.to_thread(eng.share_prefix, text)
+
+    async def hold_prefix(self, text: str, base: str = "") -> None:
+        eng = await self._engine()
+        await asyncio.to_thread(eng.hold_prefix, text, base)
+
+    async def release_prefix(self, text: str) -> None:
+        eng = await self._engine()
+        await asyncio.to_thread(eng.release_prefix, text)
 
     async def _engine(self) -> _Engine:
         return _ENGINE if _ENGINE is not None else await asyncio.to_thread(engine)

@@ -106,13 +106,17 @@ class ChatOptions:
     """How one chat attempt is made besides its messages: what every backend's `_chat`
     takes (one type, so the backends cannot drift apart in what they accept).
     `json_schema`: constrain the reply to it where the endpoint can (ignored where it
-    cannot; the validator still runs)."""
+    cannot; the validator still runs). `stop_pattern`: a regex; the embedded model stops
+    generating once its reply matches it (the reply keeps the matching token), where a
+    longer reply would be cut there anyway: no change to what is used, less decoding.
+    Remote endpoints ignore it."""
 
     max_tokens: int
     temperature: float
     top_logprobs: int
     seed: int | None = None
     json_schema: dict | None = None
+    stop_pattern: str = ""
 
 
 def chat_payload(
@@ -121,6 +125,7 @@ def chat_payload(
     temperature: float,
     top_logprobs: int,
     json_schema: dict | None = None,
+    stop_pattern: str = "",
 ) -> dict[str, Any]:
     """What determines a chat answer besides the backend (its cache key's request part;
     plan.py builds the same to find cache hits before a run)."""
@@ -133,6 +138,8 @@ def chat_payload(
     }
     if json_schema is not None:  # only then: keys of unconstrained calls stay as they were
         payload["json_schema"] = json_schema
+    if stop_pattern:  # likewise
+        payload["stop_pattern"] = stop_pattern
     return payload
 
 

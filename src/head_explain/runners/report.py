@@ -25,7 +25,7 @@ STAGE = "report"
 
 def preflight(cfg: Config) -> None:
     """The MLflow store must be usable: it is reached only at the end of the stage."""
-    from head_explain.tracking import check_tracking
+    from head_explain.tracking_store import check_tracking
 
     check_tracking(cfg)
 

@@ -89,6 +89,7 @@ def run(cfg: Config) -> dict[str, Any]:
             simulate.score_head(
                 backend, method, template, key[0], key[1], expl[key]["explanation"],
                 other_text, head_name(*other) if has_base else "", head_events,
+                cfg.excerpts_per_request,
             ),
             pair_scoring.score_pairs(
                 backend, method, pair_prompts, expl[key]["explanation"], other_text,
@@ -121,6 +122,7 @@ def run(cfg: Config) -> dict[str, Any]:
     paired = df[df["score"].notna() & df["baseline_score"].notna()]
     metrics = {
         "heads": len(df), "method": method, "failed": len(failed),
+        "excerpts_per_request": cfg.excerpts_per_request,
         # both means over the heads that have both numbers (headline.paired_stats)
         "mean_score": nanmean(paired["score"]), "mean_baseline": nanmean(paired["baseline_score"]),
         "paired": len(paired),
