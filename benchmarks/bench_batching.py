@@ -66,11 +66,7 @@ def child(args: argparse.Namespace) -> dict:
         async def no_prefix(text: str) -> None:
             return None
 
-        async def no_hold(text: str, base: str = "") -> None:
-            return None
-
         backend.share_prefix = no_prefix  # type: ignore[method-assign]
-        backend.hold_prefix = no_hold  # type: ignore[method-assign]
     template = prompts.load(simulate.ECHO_PROMPT if args.method == "echo" else simulate.CHAT_PROMPT)
     base = simulate.baseline_assignment(heads, 0)
     groups = {k: g for k, g in events.groupby(["layer", "head"], sort=True)}
@@ -119,11 +115,7 @@ def child_stages(args: argparse.Namespace) -> dict:
         async def no_prefix(self, text: str) -> None:
             return None
 
-        async def no_hold(self, text: str, base: str = "") -> None:
-            return None
-
         EmbeddedBackend.share_prefix = no_prefix  # type: ignore[method-assign]
-        EmbeddedBackend.hold_prefix = no_hold  # type: ignore[method-assign]
         explain.COMPLETION_STOP = ""  # generate all explain_max_tokens
     engine()  # the model loads before the clock starts
     walls = {}

@@ -209,10 +209,7 @@ async def score_pairs(
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 return np.full(len(pairs), np.nan)
 
-        from head_explain.simulate import explanation_prefix
-
-        async with explanation_prefix(backend, method, templates["echo"], expl, "text"):
-            parts = await asyncio.gather(*(one(t, p) for t, p, _ in table))
+        parts = await asyncio.gather(*(one(t, p) for t, p, _ in table))
         return np.concatenate(parts) if parts else np.array([])
 
     preds = {"template": tmpl}

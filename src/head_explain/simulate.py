@@ -20,17 +20,14 @@ random-only excerpts. The baseline scores each head with another head's explanat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from dataclasses import dataclass
-from string import Template
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from head_explain.explain import show_token
-from head_explain.llm.base import held_prefix
 from head_explain.prompts import PromptTemplate
 from head_explain.simulation_replies import (
     chat_values,
@@ -162,24 +159,8 @@ async def simulate_set(
         for i, values in zip(batch, got, strict=True):
             preds[i] = values
 
-    async with explanation_prefix(backend, method, template, explanation, "lines"):
-        await asyncio.gather(*(one(b) for b in request_batches(excerpts, per_request)))
+    await asyncio.gather(*(one(b) for b in request_batches(excerpts, per_request)))
     return preds, errors
-
-
-def explanation_prefix(backend, method: str, template: PromptTemplate, explanation: str,
-                       first: str):  # fmt: skip
-    """While one explanation's prompts run, an in-process echo backend keeps the KV cache
-    of the template up to the explanation's end (the text before `$<first>`), computed
-    from the template's shared part: each prompt then runs only its excerpt."""
-    if method != "echo":
-        return contextlib.nullcontext()
-    names = [
-        n for n in Template(template.text).get_identifiers() if n not in ("explanation", first)
-    ]
-    text = template.render(explanation=explanation, **{first: "\x00"}, **dict.fromkeys(names, ""))
-    base = template.text.split("$explanation")[0].rstrip()
-    return held_prefix(backend, text.split("\x00")[0].rstrip(), base)
 
 
 def pooled_scores(excerpts: list[Excerpt], preds: list[np.ndarray | None]) -> dict[str, float]:

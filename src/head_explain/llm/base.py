@@ -16,9 +16,8 @@ fails at once without a request (see llm/cache.py for why).
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from head_explain.llm.fetch import CachedFetcher, CostLimitReached
@@ -68,14 +67,6 @@ class LLMBackend(CachedFetcher, ABC):
     async def share_prefix(self, text: str) -> None:
         """A hint: many prompts will start with `text` (a backend may reuse its work)."""
         return None  # remote endpoints cache prompt prefixes themselves, if at all
-
-    async def hold_prefix(self, text: str, base: str = "") -> None:
-        """A hint: the prompts sent until `release_prefix(text)` mostly start with `text`
-        (one head's explanation in a shared template); `base` is a shared prefix of it."""
-        return None
-
-    async def release_prefix(self, text: str) -> None:
-        return None
 
     @abstractmethod
     def supports_echo(self) -> bool:
@@ -174,13 +165,3 @@ class LLMBackend(CachedFetcher, ABC):
                 self.price(len(prompt) // 4 + 1, 1),
             ),
         )
-
-
-@contextlib.asynccontextmanager
-async def held_prefix(backend: LLMBackend, text: str, base: str = "") -> AsyncIterator[None]:
-    """hold_prefix for the duration of a block, released however it ends."""
-    await backend.hold_prefix(text, base)
-    try:
-        yield
-    finally:
-        await backend.release_prefix(text)

@@ -54,9 +54,6 @@ class _Engine:
         # prompt's instructions and few-shot example: computed once, reused by every
         # prompt that starts with exactly those tokens (see `share_prefix`).
         self.prefixes: dict[tuple[int, ...], Any] = {}
-        # Held prefixes (one head's explanation in a template, see `hold_prefix`): how
-        # many holders each has; dropped when the last releases it.
-        self.holds: dict[tuple[int, ...], int] = {}
         # transformers 5 renames the KV argument later; today's name is the working one,
         # and its FutureWarning would otherwise repeat in every stage log
         warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated",
@@ -151,57 +148,14 @@ class _Engine:
         ids = tuple(self.tok.encode(text, add_special_tokens=False))
         if len(ids) < MIN_PREFIX_TOKENS:
             return
-        with self.lock:
-            self._pinned(ids)
-
-    def _pinned(self, ids: tuple[int, ...]) -> Any:
-        """The KV cache of a shared (pinned) prefix, computed from scratch if missing.
-        Call with the lock held."""
-        if ids not in self.prefixes:
-            pinned = [p for p in self.prefixes if p not in self.holds]
-            if len(pinned) >= MAX_PREFIXES:  # the oldest shared prefix goes
-                del self.prefixes[pinned[0]]
-            self.prefixes[ids] = self._extend(None, ids)
-        return self.prefixes[ids]
-
-    def _extend(self, kv: Any, ids: tuple[int, ...]) -> Any:
-        """KV cache of `ids`, on a copy of `kv` (the cache of a token-prefix of `ids`)."""
-        import copy
-
         torch = self.torch
-        start = 0 if kv is None else kv.get_seq_length()
-        with torch.inference_mode():
-            out = self.model.base_model(
-                input_ids=torch.tensor([ids[start:]]),
-                past_key_values=None if kv is None else copy.deepcopy(kv), use_cache=True,
-            )  # fmt: skip
-        return out.past_key_values
-
-    def hold_prefix(self, text: str, base: str = "") -> None:
-        """Keep `text`'s KV cache until as many `release_prefix(text)` calls. It is always
-        computed the same way, from `base`'s cache when `base` is a token-prefix of it,
-        else from scratch, so a prompt's numbers never depend on what else ran."""
-        ids = tuple(self.tok.encode(text, add_special_tokens=False))
-        base_ids = tuple(self.tok.encode(base, add_special_tokens=False)) if base else ()
-        with self.lock:
-            if ids in self.holds:
-                self.holds[ids] += 1
+        with self.lock, torch.inference_mode():
+            if ids in self.prefixes:  # checked under the lock: computed once
                 return
-            if ids in self.prefixes:  # already shared: pinned, nothing to hold
-                return
-            start = len(base_ids) >= MIN_PREFIX_TOKENS and ids[: len(base_ids)] == base_ids
-            kv = self._pinned(base_ids) if start and len(ids) > len(base_ids) else None
-            self.prefixes[ids] = self._extend(kv, ids)
-            self.holds[ids] = 1
-
-    def release_prefix(self, text: str) -> None:
-        ids = tuple(self.tok.encode(text, add_special_tokens=False))
-        with self.lock:
-            if ids not in self.holds:
-                return
-            self.holds[ids] -= 1
-            if self.holds[ids] == 0:
-                del self.holds[ids], self.prefixes[ids]
+            if len(self.prefixes) >= MAX_PREFIXES:
+                self.prefixes.pop(next(iter(self.prefixes)))
+            out = self.model.base_model(input_ids=torch.tensor([ids]), use_cache=True)
+            self.prefixes[ids] = out.past_key_values
 
     def _prefix_of(self, ids: list[int], positions: list[int]) -> tuple[int, ...] | None:
         """The longest known prefix of `ids` that ends before every scored position."""
@@ -293,14 +247,6 @@ class EmbeddedBackend(LLMBackend):
     async def share_prefix(self, text: str) -> None:
         eng = await self._engine()
         await asyncio.to_thread(eng.share_prefix, text)
-
-    async def hold_prefix(self, text: str, base: str = "") -> None:
-        eng = await self._engine()
-        await asyncio.to_thread(eng.hold_prefix, text, base)
-
-    async def release_prefix(self, text: str) -> None:
-        eng = await self._engine()
-        await asyncio.to_thread(eng.release_prefix, text)
 
     async def _engine(self) -> _Engine:
         return _ENGINE if _ENGINE is not None else await asyncio.to_thread(engine)
