@@ -199,13 +199,13 @@ def plan(cfg: Config) -> dict[str, Any]:
                 seqs = [excerpts[i].tokens for i in batch]
                 n = sum(len(t) for t in seqs)
                 for text in texts:
+                    req = simulate.simulation_request(tpl, method, text, seqs)
                     if method == "echo":
-                        prompt, slots = simulate.build_echo_prompt(tpl, text, *seqs)
-                        payload = score_payload(prompt, slots, simulate.ECHO_VALUES)
-                        pt, ct = count(prompt), 1
+                        payload = score_payload(req["prompt"], req["slots"], simulate.ECHO_VALUES)
+                        pt, ct = count(req["prompt"]), 1
                     else:
-                        msgs = simulate.build_chat_messages(tpl, text, *seqs)
-                        payload = chat_payload(msgs, 8 * n + 16, 0.0, 5, simulate.values_schema(n))
+                        msgs = req["messages"]
+                        payload = chat_payload(msgs, req["max_tokens"], 0.0, 5, req["json_schema"])
                         pt = sum(count(m["content"]) + 4 for m in msgs)
                         ct = count(json.dumps({str(i): 0 for i in range(1, n + 1)}))
                     _add(sp, cache, cache_key({**ident, **payload}), not sp.estimated, pt, ct)

@@ -107,29 +107,42 @@ async def simulate_excerpt(
     return (await simulate_batch(backend, method, template, explanation, [tokens]))[0]
 
 
+def simulation_request(
+    template: PromptTemplate, method: str, explanation: str, batch: list[list[str]]
+) -> dict[str, Any]:
+    """What one simulation request sends (the stage and `--plan` build the same): echo
+    {prompt, slots} or chat {messages, max_tokens, json_schema}."""
+    if method == "echo":
+        prompt, slots = build_echo_prompt(template, explanation, *batch)
+        return {"prompt": prompt, "slots": slots}
+    n = sum(len(t) for t in batch)
+    return {
+        "messages": build_chat_messages(template, explanation, *batch),
+        "max_tokens": 8 * n + 16,  # '"12": 10, ' is up to 8 tokens
+        "json_schema": values_schema(n),
+    }
+
+
 async def simulate_batch(
     backend, method: str, template: PromptTemplate, explanation: str, batch: list[list[str]]
 ) -> list[np.ndarray]:
     """Predicted activations of several excerpts simulated in one request, one array per
     excerpt (NaN where a slot could not be read)."""
     n = sum(len(t) for t in batch)
+    req = simulation_request(template, method, explanation, batch)
     if method == "echo":
         # the instructions and few-shot example before the explanation are the same in
         # every prompt: an in-process backend computes them once
         await backend.share_prefix(template.text.split("$explanation")[0].rstrip())
-        prompt, slots = build_echo_prompt(template, explanation, *batch)
         res = await backend.score_prompt(
-            prompt, slots, ECHO_VALUES, validate=lambda r: check_echo_slots(r, n)
+            req["prompt"], req["slots"], ECHO_VALUES, validate=lambda r: check_echo_slots(r, n)
         )
         values = expected_values(res.slots, ECHO_VALUES)
     else:
         res = await backend.chat(
-            build_chat_messages(template, explanation, *batch),
-            max_tokens=8 * n + 16,  # '"12": 10, ' is up to 8 tokens
-            top_logprobs=5,
-            validate=lambda r: chat_values(r, n),
-            json_schema=values_schema(n),
-        )
+            req["messages"], max_tokens=req["max_tokens"], top_logprobs=5,
+            validate=lambda r: chat_values(r, n), json_schema=req["json_schema"],
+        )  # fmt: skip
         values = chat_values(res, n)
     return np.split(values, np.cumsum([len(t) for t in batch])[:-1])
 

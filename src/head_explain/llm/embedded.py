@@ -158,13 +158,11 @@ class _Engine:
             self.prefixes[ids] = out.past_key_values
 
     def _prefix_of(self, ids: list[int], positions: list[int]) -> tuple[int, ...] | None:
-        """The longest known prefix of `ids` that ends before every scored position."""
-        best = None
         for p in self.prefixes:
             n = len(p)
-            if len(ids) > n and min(positions) >= n and tuple(ids[:n]) == p:
-                best = p if best is None or n > len(best) else best
-        return best
+            if len(ids) > n and tuple(ids[:n]) == p and min(positions) >= n:
+                return p
+        return None
 
     def forward_logprobs(self, batch: list[tuple[list[int], list[int]]]) -> list[Any]:
         """For each (ids, positions): log_softmax rows at those positions.
