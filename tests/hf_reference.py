@@ -57,7 +57,12 @@ def hf_reference(path, tokens: np.ndarray):
 
 
 def check_cache_against_hf(
-    path: Path, out: Path, candidates: int, per_window: int, rtol: float = 5e-6
+    path: Path,
+    out: Path,
+    candidates: int,
+    per_window: int,
+    rtol: float = 5e-6,
+    min_pos: int = 2,
 ) -> tuple[int, int, bool]:
     """Every head's top events in `out` (a `--until cache` run of the model at `path`)
     against the reference; returns (layers, heads per layer, whether V was separate)."""
@@ -75,8 +80,9 @@ def check_cache_against_hf(
         got_rows = [row_of[w] for w in events["window_id"]]
         want = ref[got_rows, events["pos"].to_numpy()].numpy()
         np.testing.assert_allclose(events["act"], want, rtol=rtol, atol=1e-9)
-        # the events are the true top: best per_window non-BOS tokens per window, best overall
-        window_best = ref[:, 1:].topk(per_window, dim=1).values.flatten()
+        # the events are the true top: best per_window tokens per window from min_pos
+        # (config.min_event_pos), best overall
+        window_best = ref[:, min_pos:].topk(per_window, dim=1).values.flatten()
         best = window_best.sort(descending=True).values[:candidates].numpy()
         np.testing.assert_allclose(events["act"].to_numpy(), best, rtol=rtol)
         # main source: its attention weight is HF's

@@ -102,10 +102,11 @@ def test_streaming_cache_matches_brute_force(smol_bridge, windows):
     v_q = v.repeat_interleave(smol_bridge.cfg.n_heads // v.shape[2], dim=2)
     act, vnorm = head_writes(pattern, z, v_q, w_o)
     for head in (0, 7):
-        a = act[:, head, 1:].numpy()  # no events at BOS
+        a = act[:, head, 1:].numpy()  # statistics: every destination but BOS
+        e = act[:, head, 2:].numpy()  # events: from min_event_pos (2) on
         # brute force: 2 best per window, then the 8 best overall
         per_window = [
-            (a[w, p], w, p + 1) for w in range(len(windows)) for p in np.argsort(-a[w])[:2]
+            (e[w, p], w, p + 2) for w in range(len(windows)) for p in np.argsort(-e[w])[:2]
         ]
         best = sorted(per_window, reverse=True)[:8]
         got = res.raw_events.query("layer == @layer and head == @head and kind == 'top'")

@@ -13,6 +13,11 @@ from test_bad_input import assert_user_error, cli  # noqa: F401  (cli is a fixtu
         (["--class-induction", "1.5"], ["key 'class_induction': 1.5", "value in [0, 1]"]),
         (["--class-bos-sink", "-0.1"], ["key 'class_bos_sink': -0.1", "value in [0, 1]"]),
         (["--type-windows", "0"], ["key 'type_windows': 0 must be a positive integer"]),
+        (["--min-event-pos", "0"], ["key 'min_event_pos': 0 must be a positive integer"]),
+        (
+            ["--min-event-pos", "64", "--window-len", "64"],
+            ["key 'min_event_pos': 64 leaves no event position", "give 1 to 63"],
+        ),
         (["--head-choice", "best"], ["--head-choice", "invalid choice: 'best'", "classes"]),
         (
             ["--explain-prompt", "explain_v9"],
@@ -23,7 +28,8 @@ from test_bad_input import assert_user_error, cli  # noqa: F401  (cli is a fixtu
             ["key 'explain_prompt'", "cannot read template file 'missing.txt'"],
         ),
     ],
-    ids=["threshold-above-1", "threshold-negative", "type-windows-0", "head-choice",
+    ids=["threshold-above-1", "threshold-negative", "type-windows-0", "min-event-pos-0",
+         "min-event-pos-past-window", "head-choice",
          "unknown-prompt-version", "prompt-file-missing"],
 )  # fmt: skip
 def test_bad_head_aware_value(cli, args, fragments):  # noqa: F811

@@ -247,7 +247,7 @@ def test_select_renders_excerpts_through_display_tokens(smol_tokenizer):
     acts = pd.DataFrame({"layer": [0], "head": [0], "window_id": [0],
                          "acts": [np.zeros(len(ids) + 1)]})  # fmt: skip
     events = pd.DataFrame({"layer": [0], "head": [0], "window_id": [0], "pos": [len(ids) - 1],
-                           "src_pos": [[1]], "act": [1.0]})  # fmt: skip
+                           "src_pos": [[1]], "act": [1.0], "split": ["explain"]})  # fmt: skip
     s = SelectSettings(topk=1, explain_examples=1, score_top_examples=0,
                        score_random_examples=0, excerpt_len=64)  # fmt: skip
     ev = attach_excerpts(events, windows, acts, lambda t: display_tokens(smol_tokenizer, t), s)

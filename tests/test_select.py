@@ -88,5 +88,11 @@ def test_excerpt_bounds_and_spread():
     assert excerpt_bounds(pos=3, n_tokens=30, excerpt_len=8, tail=4) == (1, 9)
     assert excerpt_bounds(pos=28, n_tokens=30, excerpt_len=8, tail=4) == (22, 30)
     assert excerpt_bounds(pos=15, n_tokens=30, excerpt_len=8, tail=2) == (10, 18)
+    # a source to show: the excerpt starts one token before it, within 3 x excerpt_len
+    assert excerpt_bounds(pos=15, n_tokens=30, excerpt_len=8, tail=2, reach_back_to=4) == (3, 18)
+    assert excerpt_bounds(pos=15, n_tokens=30, excerpt_len=8, tail=2, reach_back_to=1) == (1, 18)
+    assert excerpt_bounds(pos=28, n_tokens=40, excerpt_len=8, tail=2, reach_back_to=5) == (23, 31)
+    assert excerpt_bounds(pos=15, n_tokens=30, excerpt_len=8, tail=2, reach_back_to=12) == (10, 18)
+    assert excerpt_bounds(pos=15, n_tokens=30, excerpt_len=8, tail=2, reach_back_to=0) == (10, 18)
     assert spread(10, 4) == [0, 3, 6, 9]
     assert spread(3, 5) == [0, 1, 2]

@@ -63,6 +63,7 @@ class CacheSettings:
     batch_size: int
     random_window_ids: frozenset[int] = frozenset()
     seed: int = 0
+    min_event_pos: int = 2  # earliest event destination (config.min_event_pos)
 
 
 @dataclass
@@ -185,9 +186,10 @@ class HeadActivationCache:
             self._record_pairs(layer, hs, wid, pattern[bi], vnorm[bi])
             for hi, head in enumerate(hs):
                 self.random_rows.append((layer, head, wid, acts[hi].astype(np.float32)))
-                # one random (non-BOS) position per head and random window: a random event
+                # one random position per head and random window (from min_event_pos,
+                # as top events): a random event
                 rng = np.random.default_rng([self.settings.seed, wid, layer, head])
-                p = int(rng.integers(1, n))
+                p = int(rng.integers(min(self.settings.min_event_pos, n - 1), n))
                 row = pattern[bi, hi, p]
                 pair = row * vnorm[bi, hi]
                 ks = min(self.settings.top_sources, n)

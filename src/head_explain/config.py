@@ -87,6 +87,12 @@ class Config:
         500, "Top events the cache stage keeps per head; select's topk must not exceed it."
     )
     max_events_per_window: int = _f(3, "At most this many events per head from one window.")
+    min_event_pos: int = _f(
+        2,
+        "Earliest destination position of an event (0 is the window's first token). At "
+        "position 1 a head can read only the first token or itself, so a head that parks "
+        "on the first token writes its largest norms there whatever the text: 1 keeps them.",
+    )
     top_sources: int = _f(3, "Source positions kept per event (by write norm).")
     random_windows: int = _f(
         60, "Windows whose every token is recorded for all heads (random scoring set)."
@@ -299,6 +305,7 @@ def validate(cfg: Config) -> None:
         "max_heads",
         "candidates",
         "max_events_per_window",
+        "min_event_pos",
         "top_sources",
         "topk",
         "explain_examples",
@@ -341,6 +348,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"key 'type_windows': {cfg.type_windows} must be a positive integer")
     if cfg.window_len < 8:
         raise ConfigError(f"key 'window_len': {cfg.window_len} must be at least 8 tokens")
+    if cfg.min_event_pos >= cfg.window_len:
+        raise ConfigError(
+            f"key 'min_event_pos': {cfg.min_event_pos} leaves no event position in windows "
+            f"of window_len={cfg.window_len}; give 1 to {cfg.window_len - 1}"
+        )
     if cfg.topk > cfg.candidates:
         raise ConfigError(
             f"key 'topk': {cfg.topk} exceeds candidates={cfg.candidates} kept by the cache "

@@ -33,7 +33,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
     ],
     "cache": [
         "model", "device", "dtype", "batch_size", "heads", "max_heads", "head_choice",
-        "candidates", "max_events_per_window", "top_sources", "random_windows", "seed",
+        "candidates", "max_events_per_window", "min_event_pos", "top_sources",
+        "random_windows", "seed",
     ],
     "select": [
         "topk", "explain_examples", "score_top_examples", "score_random_examples",

@@ -46,7 +46,7 @@ class HeadStats:
 
 def new_top(s, h: int, n: int, ks: int, dev: torch.device) -> HeadTop:
     """Empty buffers (allocated once) for `h` heads of windows of `n` tokens."""
-    slots = s.candidates + s.batch_size * min(s.max_events_per_window, n - 1)
+    slots = s.candidates + s.batch_size * events_per_window(s, n)
 
     def empty(*shape, dtype=torch.float32):
         return torch.zeros((h, slots, *shape), device=dev, dtype=dtype)
@@ -60,14 +60,24 @@ def new_top(s, h: int, n: int, ks: int, dev: torch.device) -> HeadTop:
     return top
 
 
+def first_event_pos(s, n: int) -> int:
+    """The earliest destination of an event in windows of n tokens: never the first
+    token, and not before `s.min_event_pos` (see config.min_event_pos)."""
+    return max(1, min(s.min_event_pos, n - 1))
+
+
+def events_per_window(s, n: int) -> int:
+    return min(s.max_events_per_window, n - first_event_pos(s, n))
+
+
 def update_top(top: HeadTop, s, act, vnorm, pattern, win_ids) -> None:
     """Merge one batch's candidates (the top `max_events_per_window` tokens of each
-    window and head) into the running top, in place."""
+    window and head from `first_event_pos` on) into the running top, in place."""
     b, h, n = act.shape
-    k = min(s.max_events_per_window, n - 1)
+    k = events_per_window(s, n)
     ks = min(s.top_sources, n)
     masked = act.clone()
-    masked[:, :, 0] = float("-inf")  # never an event at BOS
+    masked[:, :, : first_event_pos(s, n)] = float("-inf")
     vals, pos = masked.topk(k, dim=-1)  # [b, h, k]
     rows = torch.gather(
         pattern, 2, pos[..., None].expand(b, h, k, pattern.shape[-1])

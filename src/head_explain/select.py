@@ -33,14 +33,27 @@ class SelectSettings:
     tail: int = 4  # tokens shown after the destination token
 
 
-def excerpt_bounds(pos: int, n_tokens: int, excerpt_len: int, tail: int) -> tuple[int, int]:
+# A held-out top excerpt reaches back to its event's main source, up to this many times
+# excerpt_len tokens: the pair score's positive is then the pair the head wrote. Cut at
+# excerpt_len, duplicate and induction heads (which read far back) lost most positives,
+# and what was left favoured the events whose source happened to be near.
+REACH_BACK = 3
+
+
+def excerpt_bounds(
+    pos: int, n_tokens: int, excerpt_len: int, tail: int, reach_back_to: int = -1
+) -> tuple[int, int]:
     """[start, end) of an excerpt of `excerpt_len` tokens ending `tail` tokens after pos.
 
-    BOS (index 0) is never shown.
+    BOS (index 0) is never shown. `reach_back_to`: a source the excerpt must show; it
+    starts one token before it when that keeps the excerpt within REACH_BACK ×
+    excerpt_len tokens (else it is left out, as without it).
     """
     end = min(n_tokens, pos + 1 + tail)
     start = max(1, end - excerpt_len)
     end = min(n_tokens, max(end, start + excerpt_len))
+    if 1 <= reach_back_to < start and end - max(1, reach_back_to - 1) <= REACH_BACK * excerpt_len:
+        start = max(1, reach_back_to - 1)
     return start, end
 
 
@@ -97,7 +110,8 @@ def attach_excerpts(
     rows = []
     for ev in events.itertuples(index=False):
         toks = tokens_by_window[ev.window_id]
-        start, end = excerpt_bounds(int(ev.pos), len(toks), s.excerpt_len, s.tail)
+        main_src = int(ev.src_pos[0]) if ev.split == "score_top" and len(ev.src_pos) else -1
+        start, end = excerpt_bounds(int(ev.pos), len(toks), s.excerpt_len, s.tail, main_src)
         true = np.asarray(acts_by_key[(ev.layer, ev.head, ev.window_id)], dtype=np.float32)
         rows.append(
             dict(

@@ -52,6 +52,7 @@ def run(cfg: Config) -> dict[str, Any]:
     settings = CacheSettings(
         candidates=cfg.candidates, max_events_per_window=cfg.max_events_per_window,
         top_sources=cfg.top_sources, batch_size=cfg.batch_size, seed=cfg.seed,
+        min_event_pos=cfg.min_event_pos,
         random_window_ids=choose_random_windows(len(windows), cfg.random_windows, cfg.seed),
     )  # fmt: skip
     tokens = np.stack(windows["tokens"].to_numpy())
