@@ -13,7 +13,7 @@ export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
 # `dvc exp show` in 140 columns: changed columns only, headline metrics only.
-EXP_SHOW := dvc exp show --only-changed --drop 'Created|State|Executor|analysed|explained|failed|paired|pairs_|requests|tokens|tmpl_|shuf_|auc_hard|lift_hard|above|src/|stages/|outputs/'
+EXP_SHOW := dvc exp show --only-changed --drop 'Created|State|Executor|analysed|explained|failed|paired|pairs_|requests|tokens|tmpl_|shuf_|clause_|added_hard|auc_hard|lift_hard|above|src/|stages/|outputs/'
 
 .PHONY: demo test lint format bench clean gemma
 

@@ -29,7 +29,7 @@ TINY = dict(
 # What `make demo` prints and the README gives: `dvc exp show` in 140 columns.
 EXP_SHOW_NARROW = [
     "dvc", "exp", "show", "--no-pager", "--only-changed", "--drop",
-    "Created|State|Executor|analysed|explained|failed|paired|pairs_|requests|tokens|tmpl_|shuf_|auc_hard|lift_hard|above|src/|stages/|outputs/",
+    "Created|State|Executor|analysed|explained|failed|paired|pairs_|requests|tokens|tmpl_|shuf_|clause_|added_hard|auc_hard|lift_hard|above|src/|stages/|outputs/",
 ]  # fmt: skip
 EXPS = {"exp-topk5": "topk=5", "exp-topk4": "topk=4"}
 

@@ -49,5 +49,29 @@ def test_tiny_head_aware_run(tmp_path):
     undefined = scores[scores["pair_auc_easy"].isna()]
     assert undefined["pair_error"].notna().all()  # a score that is missing says why
     assert np.isfinite(scores["pair_auc_easy"]).sum() >= 1
+    # what the model added: the measured clause alone judged on the same pairs
+    by_head = {(r["layer"], r["head"]): r for r in rows}
+    judged = scores[np.isfinite(scores["pair_auc_easy"])]
+    assert np.isfinite(judged["clause_auc_easy"]).all()
+    np.testing.assert_allclose(
+        judged["added_easy"], judged["pair_auc_easy"] - judged["clause_auc_easy"]
+    )
+    for r in judged.itertuples():
+        if (
+            by_head[(r.layer, r.head)]["explanation"]
+            == by_head[(r.layer, r.head)]["template_clause"] + "."
+        ):
+            assert r.added_easy == 0  # no model part: nothing added
     metrics = json.loads((out / "metrics" / "simulate.json").read_text())
+    assert "mean_clause_auc_easy" in metrics and "mean_added_easy" in metrics
+    # --plan after the run: exactly the stage's requests (clause judging included), all
+    # of them now in the cache
+    from head_explain import config
+    from head_explain.plan import plan
+
+    flags = dict(zip([a[2:].replace("-", "_") for a in args[2:-2:2]], args[3:-2:2], strict=True))
+    cfg = config.load_params(REPO / "params.yaml", flags)
+    simulate = plan(cfg)["stages"][1]
+    sent = metrics["llm"]["requests"] + metrics["llm"]["cache_hits"]
+    assert simulate["requests"] == sent == simulate["cached"]
     assert "fraction" in metrics["beats_baselines_easy"]

@@ -75,6 +75,10 @@ def test_explain_and_simulate_through_openai_backend(
     # error; most calls must still succeed
     errors = [c["error"] for c in calls if c["error"]]
     assert len(errors) < len(calls) / 2, errors
+    # pair judging answers on both paths (chat: the reply schema {"1": v, ...} that
+    # llama.cpp enforces; before it, every chat pair reply was free text and failed)
+    assert not scores["pair_error"].fillna("").str.contains("requests failed").any(), scores
+    assert scores["n_pairs_pos"].sum() > 0
     # --plan after the run: every request of both stages is a cache hit, nothing to pay
     from head_explain.plan import plan
 

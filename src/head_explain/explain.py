@@ -232,6 +232,13 @@ async def _chat_into(
     return res
 
 
+def clause_alone(record: dict) -> str:
+    """The measured clause of a grounded explanation as a sentence of its own (what the
+    explanation says without the model's part); "" when it has none."""
+    clause = (record.get("template_clause") or "").strip()
+    return f"{clause}." if clause and record.get("explanation") else ""
+
+
 async def _complete_clause(backend, messages, max_tokens: int, row: dict, clause: str) -> dict:
     """The embedded model completes the measured clause; explanation = clause + its part."""
     res = await _chat_into(backend, messages, max_tokens, row, stop_pattern=COMPLETION_STOP)

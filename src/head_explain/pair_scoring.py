@@ -16,6 +16,9 @@ Prompt pairs_v2 words each pair by its relation ("the previous token", "an earli
 of the current token", ...), pairs_v1 by its offset only.
 Baselines: another head's explanation (shuffled) and the template predictor (1 iff the
 pair fits `pair_template`), with its one-sentence wording.
+What the explainer added: where the explanation starts with the measured clause (the
+embedded model completes it), the clause alone is judged too (`clause_auc_*`), and
+`added_* = pair_auc - clause_auc` is what the model's part changed.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ import pandas as pd
 
 from head_explain.evidence import TEMPLATE_WORDS
 from head_explain.explain import show_token
+from head_explain.simulation_replies import values_schema
 
 YES, NO = " yes", " no"
 YES_NO = [YES, NO]
 AUC_COLUMNS = [
-    f"{k}_auc_{n}" for k in ("pair", "template", "shuffled") for n in ("easy", "hard")
-] + ["lift_easy", "lift_hard"]
+    f"{k}_auc_{n}" for k in ("pair", "template", "shuffled", "clause") for n in ("easy", "hard")
+] + ["lift_easy", "lift_hard", "added_easy", "added_hard"]
 TEMPLATE_SENTENCES = {
     "previous_token": "attends from each token to the previous token.",
     "self": "attends from each token to the token itself.",
@@ -112,7 +116,7 @@ def yes_probability(slot: dict[str, float] | None) -> float:
 
 def pair_request(templates, method: str, explanation: str, tokens, pairs) -> dict[str, Any]:
     """What one pair-judging request sends (the stage and `--plan` build the same): echo
-    {prompt, slots} or chat {messages, max_tokens}."""
+    {prompt, slots} or chat {messages, max_tokens, json_schema}."""
     rel = templates.get("relations", False)
     if method == "echo":
         prompt, slots = build_pair_echo(templates["echo"], explanation, tokens, pairs, rel)
@@ -122,7 +126,10 @@ def pair_request(templates, method: str, explanation: str, tokens, pairs) -> dic
     )
     text = "".join(show_token(t) for t in tokens).strip()
     msgs = templates["chat"].messages(explanation=explanation, text=text, pairs=lines, n=len(pairs))
-    return {"messages": msgs, "max_tokens": 4 * len(pairs) + 16}
+    # the same reply form as chat simulation, {"1": v, ..., "n": v}: a schema every
+    # constrained decoder takes (an array root is refused by OpenAI's structured outputs)
+    return {"messages": msgs, "max_tokens": 8 * len(pairs) + 16,
+            "json_schema": values_schema(len(pairs))}  # fmt: skip
 
 
 async def judge_excerpt(backend, method: str, templates, explanation: str, tokens, pairs):
@@ -143,7 +150,7 @@ async def judge_excerpt(backend, method: str, templates, explanation: str, token
         res = await backend.score_prompt(req["prompt"], slots, YES_NO, validate=check)
         return np.array([yes_probability(s) for s in res.slots])
     res = await backend.chat(
-        req["messages"], max_tokens=req["max_tokens"],
+        req["messages"], max_tokens=req["max_tokens"], json_schema=req["json_schema"],
         validate=lambda r: parse_chat_values(r.text, len(pairs)),
     )  # fmt: skip
     return parse_chat_values(res.text, len(pairs)) / 10.0
@@ -186,9 +193,10 @@ def pair_table(events: pd.DataFrame) -> list[tuple[list[str], list[tuple[int, in
 
 async def score_pairs(
     backend, method: str, templates, explanation: str, shuffled: str, template: str,
-    events: pd.DataFrame,
+    events: pd.DataFrame, clause: str = "",
 ) -> dict[str, Any]:  # fmt: skip
-    """scores.parquet's pair columns for one head (explanation, shuffled, template)."""
+    """scores.parquet's pair columns for one head (explanation, shuffled, template, and
+    `clause`, the measured clause alone as a sentence, when the explanation extends it)."""
     table = pair_table(events)
     labels = np.array([lab for _, _, labs in table for lab in labs])
     row: dict[str, Any] = {"pair_template": template,
@@ -214,12 +222,16 @@ async def score_pairs(
 
     preds = {"template": tmpl}
     if explanation:  # no partner explanation: no shuffled baseline, never the head's own
-        got = await asyncio.gather(judged(explanation), *([judged(shuffled)] if shuffled else []))
+        extra = {"shuffled": shuffled} if shuffled else {}
+        if clause and clause != explanation:  # equal: the model added nothing
+            extra["clause"] = clause
+        got = await asyncio.gather(judged(explanation), *map(judged, extra.values()))
         preds["pair"] = got[0]
-        if shuffled:
-            preds["shuffled"] = got[1]
+        preds.update(zip(extra, got[1:], strict=True))
+        if clause and clause == explanation:
+            preds["clause"] = preds["pair"]
     reasons = []
-    for name in ("pair", "template", "shuffled"):
+    for name in ("pair", "template", "shuffled", "clause"):
         for neg in ("easy", "hard"):
             p = preds.get(name)
             if p is None:
@@ -231,6 +243,7 @@ async def score_pairs(
                 reasons.append(f"{neg}: {why}")
     for neg in ("easy", "hard"):
         row[f"lift_{neg}"] = row[f"pair_auc_{neg}"] - row[f"template_auc_{neg}"]
+        row[f"added_{neg}"] = row[f"pair_auc_{neg}"] - row[f"clause_auc_{neg}"]
     if errors:
         reasons.append(f"{len(errors)} pair requests failed; first: {errors[0]}")
     row["pair_error"] = "; ".join(reasons) or None

@@ -130,10 +130,11 @@ def plan(cfg: Config) -> dict[str, Any]:
         heads, source = _heads_from_config(cfg)
         events, estimated = _standin_events(cfg, heads), True
     expl_path = out(cfg, "explanations.jsonl")
-    explanations = {}
+    explanations, clauses = {}, {}  # clauses: the measured clause alone, as the stage judges it
     if expl_path.exists() and not estimated:
-        explanations = {(r["layer"], r["head"]): r.get("explanation") or ""
-                        for r in art.read_jsonl(expl_path)}  # fmt: skip
+        records = {(r["layer"], r["head"]): r for r in art.read_jsonl(expl_path)}
+        explanations = {k: r.get("explanation") or "" for k, r in records.items()}
+        clauses = {k: explain.clause_alone(r) for k, r in records.items()}
     url, _ = resolve_base_url(cfg.openai_base_url)
     local = cfg.llm == "embedded" or not is_openai_url(url)
     cache = open_cache(cfg.llm_cache)
@@ -159,6 +160,10 @@ def plan(cfg: Config) -> dict[str, Any]:
             if cfg.llm == "embedded" and tpl.name != explain.PROMPT:  # as explain_head:
                 clause = explain.template_clause(ev)  # the measured clause starts the answer
                 msgs.append({"role": "assistant", "content": clause + explain.WHEN})
+                if key not in explanations:  # not explained yet: its clause will be judged
+                    body = clause.removeprefix("This head ").strip()
+                    clauses[key] = explain.clause_alone({"template_clause": body,
+                                                         "explanation": STANDIN_EXPLANATION})  # fmt: skip
                 stop = explain.COMPLETION_STOP
             elif cfg.llm == "embedded":
                 msgs.append({"role": "assistant", "content": explain.PREFILL})
@@ -183,16 +188,18 @@ def plan(cfg: Config) -> dict[str, Any]:
             texts = [own]
             if partner is not None and partner != key:
                 texts.append(explanations.get(partner) or STANDIN_EXPLANATION)
+            pair_texts = texts + [c for c in [clauses.get(key, "")] if c and c != own]
             for tokens, pairs, _ in pair_scoring.pair_table(groups[key]):
-                for text in texts:  # one pair-judging request per excerpt and explanation
+                for text in pair_texts:  # one pair-judging request per excerpt and explanation
                     req = pair_scoring.pair_request(pair_tpl, method, text, tokens, pairs)
                     if method == "echo":
                         payload = score_payload(req["prompt"], req["slots"], pair_scoring.YES_NO)
                         pt, ct = count(req["prompt"]), 1
                     else:
-                        payload = chat_payload(req["messages"], req["max_tokens"], 0.0, 0)
+                        payload = chat_payload(req["messages"], req["max_tokens"], 0.0, 0,
+                                               req["json_schema"])  # fmt: skip
                         pt = sum(count(m["content"]) + 4 for m in req["messages"])
-                        ct = count(json.dumps([10] * len(pairs)))
+                        ct = count(json.dumps({str(i): 10 for i in range(1, len(pairs) + 1)}))
                     _add(sp, cache, cache_key({**ident, **payload}), not sp.estimated, pt, ct)
             excerpts = simulate.head_excerpts(groups[key])
             for batch in simulate.request_batches(excerpts, cfg.excerpts_per_request):

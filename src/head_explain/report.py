@@ -30,6 +30,7 @@ STAT_COLS = (
 PAIR_COLS = (
     "pair_auc_easy", "pair_auc_hard", "template_auc_easy", "template_auc_hard",
     "shuffled_auc_easy", "shuffled_auc_hard", "lift_easy", "lift_hard",
+    "clause_auc_easy", "clause_auc_hard", "added_easy", "added_hard",
 )  # fmt: skip
 LLM_KEYS = ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd")
 
@@ -199,6 +200,11 @@ def pair_metrics(summary: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
             out[f"lift_{level}"] = json_num(st["mean_diff"], 4)
         elif f"lift_{level}" in summary:
             out[f"lift_{level}"] = _mean(summary[f"lift_{level}"])
+        if f"clause_auc_{level}" in summary and summary[f"clause_auc_{level}"].notna().any():
+            # what the explainer's own part added, over the heads with both numbers
+            st = paired_stats(summary[f"pair_auc_{level}"], summary[f"clause_auc_{level}"], seed)
+            out[f"clause_{level}"] = json_num(st["mean_baseline"], 4)
+            out[f"added_{level}"] = json_num(st["mean_diff"], 4)
     return out
 
 

@@ -69,6 +69,24 @@ def pair_rows(summary: pd.DataFrame, seed: int = 0) -> list[list[str]]:
     return rows
 
 
+def added_rows(summary: pd.DataFrame, seed: int = 0) -> list[list[str]]:
+    """Per negative set, over the heads whose explanation completes the measured clause:
+    the explanation's and the clause's own pair-AUC, and what the model's part added
+    (paired mean with its 95% bootstrap interval, and the share of heads it helped)."""
+    rows = []
+    for level, label in LEVELS.items():
+        cols = [f"pair_auc_{level}", f"clause_auc_{level}"]
+        if not set(cols) <= set(summary.columns):
+            continue
+        both = summary[cols].astype(float).dropna()
+        if both.empty:
+            continue
+        st = paired_stats(both[cols[0]], both[cols[1]], seed)
+        rows.append([label, str(st["n"]), fmt(st["mean_real"]), fmt(st["mean_baseline"]),
+                     _ci(st), f"{100 * st['share_above']:.0f}%"])  # fmt: skip
+    return rows
+
+
 def undefined_pairs(summary: pd.DataFrame) -> int:
     """Explained heads without an easy pair-AUC (each says why in scores.parquet)."""
     if "pair_auc_easy" not in summary:
@@ -80,7 +98,7 @@ def undefined_pairs(summary: pd.DataFrame) -> int:
 def head_rows(summary: pd.DataFrame) -> list[list[str]]:
     """One row per explained head, in layer order: its class and every score."""
     cols = ("score", "baseline_score", "pair_auc_easy", "template_auc_easy",
-            "shuffled_auc_easy", "lift_easy", "lift_hard")  # fmt: skip
+            "shuffled_auc_easy", "lift_easy", "lift_hard", "added_easy")  # fmt: skip
     rows = []
     for _, r in summary.iterrows():
         if not str(r["explanation"]).strip():

@@ -18,6 +18,7 @@ import pandas as pd
 from head_explain.config import source_list
 from head_explain.escaping import fmt, md_escape, render_excerpt
 from head_explain.report_heads import (
+    added_rows,
     class_rows,
     evidence_by_head,
     head_extras,
@@ -189,6 +190,7 @@ def render_markdown(cfg: Any, ctx: dict, summary: pd.DataFrame, wall: dict, pair
             n_model_heads=0 if types is None else len(types),
             class_rows=class_rows(types, summary),
             pair_rows=pair_rows(summary, cfg.seed),
+            added_rows=added_rows(summary, cfg.seed),
             undefined_pairs=undefined_pairs(summary),
             head_rows=head_rows(summary),
             failed_rows=[

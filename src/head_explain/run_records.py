@@ -21,7 +21,7 @@ TABLE_COLS = (
     "head", "head_class", "explanation", "score", "baseline_score", "score_top",
     "score_random", "pair_auc_easy", "pair_auc_hard", "template_auc_easy",
     "template_auc_hard", "shuffled_auc_easy", "shuffled_auc_hard", "lift_easy", "lift_hard",
-    "cluster", "error",
+    "clause_auc_easy", "added_easy", "cluster", "error",
 )  # fmt: skip
 PER_HEAD_METRICS = ("lift_easy", "lift_hard", "pair_auc_easy", "pair_auc_hard")
 

@@ -54,6 +54,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     from head_explain import pair_scoring, prompts, simulate
     from head_explain.evidence import read_evidence
+    from head_explain.explain import clause_alone
     from head_explain.headline import beats_baselines
     from head_explain.llm import label_calls, make_backend
 
@@ -94,6 +95,7 @@ def run(cfg: Config) -> dict[str, Any]:
             pair_scoring.score_pairs(
                 backend, method, pair_prompts, expl[key]["explanation"], other_text,
                 ev.pair_template if ev is not None else "previous_token", head_events,
+                clause_alone(expl[key]),
             ),
         )  # fmt: skip
         bar.update(1)

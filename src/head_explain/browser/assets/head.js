@@ -55,6 +55,8 @@
         el("td", { class: "num" }, fmt(b)), hasPair ? [el("td", { class: "num" }, fmt(c)), el("td", { class: "num" }, signed(d))] : null)))
       : el("div", { class: "muted" }, "not scored in this run"),
     S.baseline_from ? el("div", { class: "note" }, "shuffled = scored with the explanation of " + S.baseline_from) : null,
+    isNum(S.clause_auc_easy) ? el("div", { class: "note" }, `the measured clause alone: pair AUC ${fmt(S.clause_auc_easy)} easy, ${fmt(S.clause_auc_hard)} hard; ` +
+      `the explainer's own part added ${signed(S.added_easy)} easy, ${signed(S.added_hard)} hard`) : null,
     S.method ? el("div", { class: "note" }, `method ${S.method} · simulator ${S.simulator_model || "?"} · ${S.n_tokens ?? "?"} tokens · ${S.n_failed ?? 0} excerpt(s) failed`) : null,
     S.error ? el("div", { class: "note err" }, S.error) : null);
 
