@@ -11,6 +11,8 @@
    negatives (means over the heads where all three are defined); the per-token
    correlation against its shuffled baseline; the headline (explanation beats template
    and shuffled) with its bootstrap interval.
+v2 on the embedded backend also prints the measured clause alone and what the model's
+part added to it (paired, with its bootstrap interval).
 Targets (issue 8): template pair-AUC >= 0.9 on easy negatives for heads of its class;
 the explanation names the class for >= 80% of those heads; the new prompt's mean
 pair-AUC above the shuffled baseline's.
@@ -32,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from head_explain.cli import main as cli_main
-from head_explain.headline import beats_baselines
+from head_explain.headline import beats_baselines, paired_stats
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_CLASSES = ("previous_token", "induction", "duplicate_token", "self")
@@ -85,6 +87,13 @@ def summarise(out: Path, version: str) -> dict:
         )
         h = beats_baselines(df, neg)
         print(f"  beats template and shuffled ({neg}): {h.get('fraction')} CI95 {h.get('ci95')}")
+        if f"clause_auc_{neg}" in df and df[f"clause_auc_{neg}"].notna().any():
+            st = paired_stats(df[f"pair_auc_{neg}"], df[f"clause_auc_{neg}"])
+            print(
+                f"  the measured clause alone ({neg}) over {st['n']} heads: {st['mean_baseline']:.3f}"
+                f"; added by the model {st['mean_diff']:+.3f} CI95 [{st['ci_low']:.3f}, "
+                f"{st['ci_high']:.3f}]"
+            )
     own = tmpl[tmpl["pair_template"] == tmpl["head_class"]]
     ok = own["template_auc_easy"].notna()
     print(
