@@ -71,7 +71,8 @@ def explained(chat_llama_server, prepared_artifacts, tmp_path_factory):
     """Simulate-stage inputs kept small (a llama.cpp simulation call takes seconds on 2
     cores): the prepared events of two heads with their top scoring excerpt only, and
     their explanations from a real explain stage. 2 heads x 1 excerpt x (own + baseline
-    explanation) = 4 simulation calls."""
+    explanation) = 4 simulation calls, plus one pair-judging call per explanation for
+    each excerpt that marks a pair (its positive)."""
     out = tmp_path_factory.mktemp("explained")
     events, meta = art.read_parquet(prepared_artifacts / "events.parquet", {"model": SERVER_MODEL})
     heads = sorted(events.groupby(["layer", "head"]).groups)[:2]
@@ -92,7 +93,10 @@ def test_simulate_kill_and_resume_pays_only_for_unfinished_calls(llama_server, e
 
     clean = r["clean"]
     n = clean["llm"]["requests"]
-    assert clean["heads"] == 2 and n == 4 == r["clean_cache_rows"]  # 4 distinct calls
+    events = pd.read_parquet(explained / "events.parquet")
+    top = events[events["split"] == "score_top"]
+    distinct = 2 * (len(top) + int((top["pair_label"].map(len) > 0).sum()))
+    assert len(top) == 2 and clean["heads"] == 2 and n == distinct == r["clean_cache_rows"]
     assert r["clean_posts"] == n + r["probe_posts"] and clean["llm"]["retries"] == 0
 
     # the kill: two calls answered and cached, the third in flight, no scores written
