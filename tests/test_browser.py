@@ -160,6 +160,7 @@ def _decorate(out: Path) -> None:
             baseline_from="L0H0", method="echo", simulator_model="hand-written", n_tokens=10,
             n_failed=0, error=None, pair_auc_easy=0.85, pair_auc_hard=0.6,
             template_auc_easy=0.8, template_auc_hard=0.62, shuffled_auc_easy=0.5,
+            clause_auc_easy=0.7, clause_auc_hard=0.55, added_easy=0.15, added_hard=0.05,
             template_sentence=f"This head attends to the previous token. {INJECTIONS[1]}",
             sim_events=[f"{s}:{r}" for s, r in zip(sc["split"], sc["rank"], strict=True)],
             sim_acts=[rng.uniform(0, 10, len(t)).round(2).tolist() for t in sc["excerpt_tokens"]],
@@ -247,6 +248,9 @@ def test_head_page_in_chromium(built_browser, chromium_binary, tmp_path):
         for s in INJECTIONS[:4]:
             assert s in text  # shown as text, in tokens and explanations alike
         assert "[object " not in text and "undefined" not in text and "NaN" not in text
+        # what the explainer added over the measured clause alone, in the scores card
+        card = b.eval("document.getElementById('scores').innerText")
+        assert "measured clause alone: pair AUC 0.700 easy" in card and "+0.150" in card, card
         b.hover(".excerpt .tok.dest")
         tip = b.eval("document.getElementById('tip').innerText")
         assert re.search(r"activation \d+\.\d{3}", tip) and "reads:" in tip
