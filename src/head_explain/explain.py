@@ -189,7 +189,7 @@ async def explain_head(
     grounded = prefill and template.name != PROMPT  # v2 or a user prompt on the 135M model
     if grounded:
         clause = template_clause(evidence)
-        row["template_clause"] = clause.removeprefix("This head ").strip()
+        row["template_clause"] = clause_body(clause)
         messages.append({"role": "assistant", "content": clause + WHEN})
         return await _complete_clause(backend, messages, max_tokens, row, clause)
     if prefill:
@@ -232,6 +232,11 @@ async def _chat_into(
     return res
 
 
+def clause_body(clause: str) -> str:
+    """The measured clause as explanations.jsonl records it: without "This head "."""
+    return clause.removeprefix("This head ").strip()
+
+
 def clause_alone(record: dict) -> str:
     """The measured clause of a grounded explanation as a sentence of its own (what the
     explanation says without the model's part); "" when it has none."""
@@ -246,7 +251,7 @@ async def _complete_clause(backend, messages, max_tokens: int, row: dict, clause
         return row
     part = cut_completion(res.text)
     row["model_completion"] = part
-    body = clause.removeprefix("This head ").strip()
+    body = clause_body(clause)
     row["explanation"] = f"{body}{WHEN} {part}." if part else f"{body}."
     return row
 

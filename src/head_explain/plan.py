@@ -161,8 +161,7 @@ def plan(cfg: Config) -> dict[str, Any]:
                 clause = explain.template_clause(ev)  # the measured clause starts the answer
                 msgs.append({"role": "assistant", "content": clause + explain.WHEN})
                 if key not in explanations:  # not explained yet: its clause will be judged
-                    body = clause.removeprefix("This head ").strip()
-                    clauses[key] = explain.clause_alone({"template_clause": body,
+                    clauses[key] = explain.clause_alone({"template_clause": explain.clause_body(clause),
                                                          "explanation": STANDIN_EXPLANATION})  # fmt: skip
                 stop = explain.COMPLETION_STOP
             elif cfg.llm == "embedded":
