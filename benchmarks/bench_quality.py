@@ -13,6 +13,10 @@
    and shuffled) with its bootstrap interval.
 v2 on the embedded backend also prints the measured clause alone and what the model's
 part added to it (paired, with its bootstrap interval).
+4. Template check, no LLM: every head of the four template classes, with
+   `--template-excerpts` held-out top and random excerpts each (3 positives, as in the
+   demo, quantise the AUC to 0.5/0.67/0.83/1), template pair-AUC on easy negatives per
+   class, copies as words (`evidence.word_key`) and, for comparison, as exact tokens.
 Targets (issue 8): template pair-AUC >= 0.9 on easy negatives for heads of its class;
 the explanation names the class for >= 80% of those heads; the new prompt's mean
 pair-AUC above the shuffled baseline's.
@@ -35,6 +39,7 @@ import pandas as pd
 
 from head_explain.cli import main as cli_main
 from head_explain.headline import beats_baselines, paired_stats
+from head_explain.pair_scoring import auc, pair_table, template_predicts
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_CLASSES = ("previous_token", "induction", "duplicate_token", "self")
@@ -108,11 +113,50 @@ def summarise(out: Path, version: str) -> dict:
     return {"names_class": share}
 
 
+def exact_predicts(template: str, tokens: list[str], dest: int, src: int) -> float:
+    """The template with copies as exact tokens (before word copies), to compare."""
+    if template == "duplicate_token":
+        return float(src < dest and tokens[src] == tokens[dest])
+    if template == "induction":
+        return float(1 <= src < dest and tokens[src - 1] == tokens[dest])
+    return template_predicts(template, tokens, dest, src)
+
+
+def template_check(base: list[str], out: Path, types: pd.DataFrame, excerpts: int) -> None:
+    heads = types[types["head_class"].isin(TEMPLATE_CLASSES)]
+    n = str(excerpts)
+    secs = run([*base, "--outdir", str(out), "--heads", ",".join(heads["head_name"]),
+                "--topk", str(4 * excerpts), "--score-top-examples", n,
+                "--score-random-examples", n, "--until", "select"])  # fmt: skip
+    events = pd.read_parquet(out / "events.parquet")
+    rows = []
+    for r in heads.itertuples():
+        table = pair_table(events[(events["layer"] == r.layer) & (events["head"] == r.head)])
+        labels = np.array([lab for _, _, labs in table for lab in labs])
+        row = {"head_class": r.head_class, "n_pos": int((labels == "pos").sum())}
+        for name, predict in (("word", template_predicts), ("exact", exact_predicts)):
+            p = np.array([predict(r.head_class, t, d, s) for t, ps, _ in table for d, s in ps])
+            row[name] = auc(p[labels == "pos"], p[labels == "easy"])[0] if len(p) else np.nan
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    print(f"\n== template check: {len(df)} heads, {excerpts}+{excerpts} held-out excerpts "
+          f"each ({df['n_pos'].median():.0f} positives per head, median; {secs:.0f}s)")  # fmt: skip
+    for c, sub in [*df.groupby("head_class"), ("all", df)]:
+        ok = sub["word"].notna()
+        print(
+            f"  {c:16s} template pair-AUC easy: mean {sub.loc[ok, 'word'].mean():.3f}, "
+            f">= 0.9 for {int((sub.loc[ok, 'word'] >= 0.9).sum())}/{int(ok.sum())}; "
+            f"copies as exact tokens {sub.loc[ok, 'exact'].mean():.3f}, "
+            f">= 0.9 for {int((sub.loc[ok, 'exact'] >= 0.9).sum())}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=3)
     ap.add_argument("--windows", type=int, default=0, help="override params.yaml's windows")
     ap.add_argument("--outdir", default="/tmp/bench_quality")
+    ap.add_argument("--template-excerpts", type=int, default=20)
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     a = ap.parse_args()
     root = Path(a.outdir)
@@ -120,7 +164,7 @@ def main() -> None:
     base = ["--params", a.params, "--llm-cache", str(root / "llm_cache.sqlite")]
     if a.windows:
         base += ["--windows", str(a.windows)]
-    v1, v2 = root / "v1", root / "v2"
+    v1, v2, tmpl = root / "v1", root / "v2", root / "template_check"
     secs = run([*base, "--outdir", str(v2), "--until", "head_types"])
     types = pd.read_parquet(v2 / "head_types.parquet")
     print(f"head_types: {len(types)} heads in {secs:.1f}s (stage, model load included)")
@@ -130,6 +174,7 @@ def main() -> None:
         sub = types[types["head_class"] == c].sort_values("class_score", ascending=c == "content")
         picked += list(sub["head_name"][: a.per_class])
     heads = ",".join(picked)
+    template_check(base, tmpl, types, a.template_excerpts)
     print(f"heads explained: {heads}")
     # The new prompt first (the numbers that matter), then v1 on the same cache.
     secs = run([*base, "--outdir", str(v2), "--heads", heads, "--explain-prompt", "explain_v2",

@@ -19,7 +19,9 @@ from head_explain.evidence import (
     build_evidence,
     evidence_text,
     head_evidence,
+    main_source_kinds,
     pair_template,
+    word_key,
 )
 from head_explain.headline import beats_baselines
 from head_explain.pair_candidates import candidate_pairs, mark_pairs
@@ -73,6 +75,15 @@ def test_induction_share_counts_the_token_after_a_copy():
     top = _top([(0, 5, [3]), (0, 6, [5])])  # 5 at 5: src 3 (6) follows the earlier 5 (2)
     ev = head_evidence(top, TOKENS, str, {})
     assert ev["share_induction"] == pytest.approx(0.5)
+
+
+def test_evidence_counts_a_case_variant_as_a_copy():
+    """Token 9 renders " Five" and 5 "five": the pair (5 at 2 -> 9 at 1) is a copy."""
+    text = {9: " Five", 5: "five"}
+    top = _top([(0, 2, [1]), (0, 3, [2])])
+    ev = head_evidence(top, TOKENS, lambda t: text.get(t, f"t{t}"), {})
+    assert ev["share_dup"] == pytest.approx(0.5)  # only (2 -> 1); exact ids would give 0
+    assert head_evidence(top, TOKENS, lambda t: f"t{t}", {})["share_dup"] == 0.0
 
 
 def test_build_evidence_class_and_template_and_text():
@@ -171,6 +182,22 @@ def test_template_predictors():
     assert template_predicts("induction", toks, 3, 1) == 1.0  # b followed the earlier a
     assert template_predicts("induction", toks, 4, 2) == 1.0
     assert template_predicts("content", toks, 4, 2) == 0.0
+
+
+def test_copies_are_copies_of_a_word():
+    """Case and surrounding space aside: " Shared" copies "shared"; "\\n" stays itself."""
+    toks = [" Shared", " memory", "\n", "shared", " Memory", "\n", " shares"]
+    assert word_key(" Shared") == word_key("shared") == "shared"
+    assert word_key("\n") == "\n" and word_key(" ") != word_key("\n")
+    assert template_predicts("duplicate_token", toks, 3, 0) == 1.0
+    assert template_predicts("duplicate_token", toks, 5, 2) == 1.0
+    assert template_predicts("duplicate_token", toks, 6, 0) == 0.0  # another word
+    # " memory" (1) follows " Shared" (0), a copy of "shared" (3)
+    assert template_predicts("induction", toks, 3, 1) == 1.0
+    assert template_predicts("induction", toks, 4, 1) == 0.0  # " Shared" is not " Memory"
+    assert template_predicts("induction", ["a", " B", "c", "b"], 3, 2) == 1.0
+    words = [word_key(t) for t in ["<bos>", *toks]]  # evidence windows start with BOS
+    assert main_source_kinds(words, 4, 1)["dup"] and main_source_kinds(words, 4, 2)["induction"]
 
 
 def test_auc_and_undefined():

@@ -15,13 +15,12 @@ import pytest
 
 from head_explain.config import Config
 from head_explain.data import iter_documents
+from head_explain.data.window_shares import max_balanced_windows, source_shares
 from head_explain.data.windows import (
     COLUMNS,
     doc_priority,
-    max_balanced_windows,
     sample_windows,
     scan_source,
-    source_shares,
 )
 from head_explain.errors import ConfigError, DataError
 from head_explain.models import bos_id

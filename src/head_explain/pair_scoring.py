@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from head_explain.evidence import TEMPLATE_WORDS
+from head_explain.evidence import TEMPLATE_WORDS, word_key
 from head_explain.explain import show_token
 from head_explain.simulation_replies import values_schema
 
@@ -49,15 +49,16 @@ TEMPLATE_SENTENCES = {
 
 # ------------------------------------------------------------------ simulate side
 def template_predicts(template: str, tokens: list[str], dest: int, src: int) -> float:
-    """The template's deterministic verdict on one pair: 1.0 if the pair fits, else 0."""
+    """The template's deterministic verdict on one pair: 1.0 if the pair fits, else 0.
+    Copies are copies of a word (`evidence.word_key`: case and surrounding space aside)."""
     if template == "previous_token":
         return float(src == dest - 1)
     if template == "self":
         return float(src == dest)
     if template == "duplicate_token":
-        return float(src < dest and tokens[src] == tokens[dest])
+        return float(src < dest and word_key(tokens[src]) == word_key(tokens[dest]))
     if template == "induction":
-        return float(1 <= src < dest and tokens[src - 1] == tokens[dest])
+        return float(1 <= src < dest and word_key(tokens[src - 1]) == word_key(tokens[dest]))
     return 0.0
 
 

@@ -30,7 +30,8 @@ import pandas as pd
 
 from head_explain.config import source_list
 from head_explain.data import Document, iter_documents
-from head_explain.errors import ConfigError, DataError
+from head_explain.data.window_shares import source_shares, too_small_error
+from head_explain.errors import ConfigError
 
 if TYPE_CHECKING:
     from head_explain.config import Config
@@ -74,11 +75,6 @@ def _hash64(*parts: object) -> int:
 
 def doc_priority(seed: int, source: str, doc_id: str) -> int:
     return _hash64("priority", seed, source, doc_id)
-
-
-def source_shares(windows: int, n_sources: int) -> list[int]:
-    """Windows per source: equal counts, the remainder to the first sources."""
-    return [windows // n_sources + (1 if i < windows % n_sources else 0) for i in range(n_sources)]
 
 
 def _progress(docs: Iterable[Document], source: str) -> Iterator[Document]:
@@ -244,41 +240,6 @@ def sample_source(
     return windows
 
 
-def max_balanced_windows(n_sources: int, capacities: dict[int, int], upper: int) -> int:
-    """Largest `windows` <= upper whose balanced shares fit the capped sources."""
-    lo, hi = 0, upper
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        shares = source_shares(mid, n_sources)
-        if all(shares[i] <= cap for i, cap in capacities.items()):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _too_small(cfg: Config, sources: list[str], short: dict[int, int]) -> DataError:
-    best = max_balanced_windows(len(sources), short, cfg.windows)
-    hint = f"lower 'windows' to at most {best}, lower 'window_len' or add sources"
-    if best == 0:  # "at most 0" is no advice: not one window fits
-        hint = (
-            f"no document holds a window of {cfg.window_len} tokens; lower 'window_len' "
-            "or add longer documents or sources"
-        )
-    if len(sources) == 1:
-        return DataError(
-            f"sources '{sources[0]}' give only {short[0]} windows of {cfg.window_len} "
-            f"tokens; {hint}"
-        )
-    shares = source_shares(cfg.windows, len(sources))
-    parts = "; ".join(
-        f"source '{sources[i]}' gives only {got} windows of {cfg.window_len} tokens but "
-        f"its share of windows={cfg.windows} balanced over '{cfg.sources}' is {shares[i]}"
-        for i, got in short.items()
-    )
-    return DataError(f"{parts}; {hint}")
-
-
 def sample_windows(cfg: Config, tokenizer, bos: int | None) -> pd.DataFrame:
     """The window table every later stage reads (see COLUMNS).
 
@@ -306,7 +267,7 @@ def sample_windows(cfg: Config, tokenizer, bos: int | None) -> pd.DataFrame:
             short[i] = len(got)
         windows.extend(got)
     if short:
-        raise _too_small(cfg, sources, short)
+        raise too_small_error(cfg, sources, short)
     df = to_frame(windows, bos)
     log.info("sampled %d windows from %s in %.1fs", len(df), ", ".join(sources), time.time() - t0)
     return df
