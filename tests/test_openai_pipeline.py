@@ -33,6 +33,12 @@ def _cfg(outdir, url, tmp_path, method):
             simulation_method=method, llm_cache=str(tmp_path / "cache.sqlite"),
             explain_max_tokens=24, llm_concurrency=2, outdir=str(outdir),
             max_failed_fraction=0.5,
+            # llama-cpp-python builds echo log-probs in Python (it sorts the whole
+            # vocabulary at every prompt token): 20-60 s a simulation prompt on 2 slow
+            # cores. At the default 60 s a request timed out and was retried while the
+            # server still computed it, the backlog grew, and the next test's server
+            # check timed out too (a fresh-clone run: 1130 s, then both variants failed).
+            llm_timeout_s=600.0,
         )
     )  # fmt: skip
 
