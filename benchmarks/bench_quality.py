@@ -1,6 +1,7 @@
 """Benchmark the head-aware analysis on the bundled model; prints numbers, asserts nothing.
 
     .venv/bin/python benchmarks/bench_quality.py [--per-class 3] [--outdir /tmp/bench_quality]
+        [--seed N] [--until select]
 
 1. Every head classified (head_types stage): heads per class.
 2. The strongest `per-class` heads of previous_token, induction, duplicate_token and self
@@ -39,7 +40,7 @@ import pandas as pd
 
 from head_explain.cli import main as cli_main
 from head_explain.headline import beats_baselines, paired_stats
-from head_explain.pair_scoring import auc, pair_table, template_predicts
+from head_explain.pair_scoring import auc, follows_copy, pair_table, template_predicts
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_CLASSES = ("previous_token", "induction", "duplicate_token", "self")
@@ -114,11 +115,18 @@ def summarise(out: Path, version: str) -> dict:
 
 
 def exact_predicts(template: str, tokens: list[str], dest: int, src: int) -> float:
-    """The template with copies as exact tokens (before word copies), to compare."""
+    """The template with copies as exact tokens and strict induction, to compare."""
     if template == "duplicate_token":
         return float(src < dest and tokens[src] == tokens[dest])
     if template == "induction":
         return float(1 <= src < dest and tokens[src - 1] == tokens[dest])
+    return template_predicts(template, tokens, dest, src)
+
+
+def strict_predicts(template: str, tokens: list[str], dest: int, src: int) -> float:
+    """The template with induction strict (no `continues_here`), to compare."""
+    if template == "induction":
+        return float(follows_copy(tokens, dest, src))
     return template_predicts(template, tokens, dest, src)
 
 
@@ -134,7 +142,12 @@ def template_check(base: list[str], out: Path, types: pd.DataFrame, excerpts: in
         table = pair_table(events[(events["layer"] == r.layer) & (events["head"] == r.head)])
         labels = np.array([lab for _, _, labs in table for lab in labs])
         row = {"head_class": r.head_class, "n_pos": int((labels == "pos").sum())}
-        for name, predict in (("word", template_predicts), ("exact", exact_predicts)):
+        predictors = (
+            ("word", template_predicts),
+            ("strict", strict_predicts),
+            ("exact", exact_predicts),
+        )
+        for name, predict in predictors:
             p = np.array([predict(r.head_class, t, d, s) for t, ps, _ in table for d, s in ps])
             row[name] = auc(p[labels == "pos"], p[labels == "easy"])[0] if len(p) else np.nan
         rows.append(row)
@@ -146,8 +159,10 @@ def template_check(base: list[str], out: Path, types: pd.DataFrame, excerpts: in
         print(
             f"  {c:16s} template pair-AUC easy: mean {sub.loc[ok, 'word'].mean():.3f}, "
             f">= 0.9 for {int((sub.loc[ok, 'word'] >= 0.9).sum())}/{int(ok.sum())}; "
-            f"copies as exact tokens {sub.loc[ok, 'exact'].mean():.3f}, "
-            f">= 0.9 for {int((sub.loc[ok, 'exact'] >= 0.9).sum())}"
+            + "; ".join(
+                f"{label} {sub.loc[ok, k].mean():.3f}, >= 0.9 for {int((sub.loc[ok, k] >= 0.9).sum())}"
+                for k, label in (("strict", "strict induction"), ("exact", "exact tokens"))
+            )
         )
 
 
@@ -158,12 +173,21 @@ def main() -> None:
     ap.add_argument("--outdir", default="/tmp/bench_quality")
     ap.add_argument("--template-excerpts", type=int, default=20)
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--seed", type=int, default=None, help="override params.yaml's seed")
+    ap.add_argument(
+        "--until",
+        choices=("select", "simulate"),
+        default="simulate",
+        help="select: the class counts and the template check only (no LLM)",
+    )
     a = ap.parse_args()
     root = Path(a.outdir)
     shutil.rmtree(root, ignore_errors=True)
     base = ["--params", a.params, "--llm-cache", str(root / "llm_cache.sqlite")]
     if a.windows:
         base += ["--windows", str(a.windows)]
+    if a.seed is not None:
+        base += ["--seed", str(a.seed)]
     v1, v2, tmpl = root / "v1", root / "v2", root / "template_check"
     secs = run([*base, "--outdir", str(v2), "--until", "head_types"])
     types = pd.read_parquet(v2 / "head_types.parquet")
@@ -175,6 +199,8 @@ def main() -> None:
         picked += list(sub["head_name"][: a.per_class])
     heads = ",".join(picked)
     template_check(base, tmpl, types, a.template_excerpts)
+    if a.until == "select":
+        return
     print(f"heads explained: {heads}")
     # The new prompt first (the numbers that matter), then v1 on the same cache.
     secs = run([*base, "--outdir", str(v2), "--heads", heads, "--explain-prompt", "explain_v2",

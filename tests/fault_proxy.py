@@ -12,7 +12,8 @@ check's /models) always pass. Faults:
 - `CUT_JSON`: the real reply cut in half, Content-Length to match (invalid JSON);
 - `NOT_JSON`: 200 with an HTML body;
 - `mutate(fn)`: the real reply with its JSON changed by `fn` (unusable content);
-- `HOLD`: wait until `release()` (or the client goes away), then pass.
+- `HOLD`: wait until `release()` (or the client goes away), then pass;
+- `slow(s)`: a busy server: wait `s` seconds, then pass, whether the client waited or not.
 
 `down()` stops listening (connections are refused, as when the server is gone) and
 `up()` listens again on the same port. Every request is recorded in `proxy.records`.
@@ -51,7 +52,9 @@ import yaml
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # pass | status | reset | hang | truncate | cut_json | not_json | mutate | hold
+    kind: (
+        str  # pass | status | reset | hang | slow | truncate | cut_json | not_json | mutate | hold
+    )
     status: int = 0
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
@@ -82,6 +85,10 @@ def status(code: int, retry_after: str | None = None, message: str = "injected")
 
 def hang(seconds: float) -> Fault:
     return Fault("hang", seconds=seconds, label=f"hang {seconds}s")
+
+
+def slow(seconds: float) -> Fault:
+    return Fault("slow", seconds=seconds, label=f"slow {seconds}s")
 
 
 def mutate(fn: Callable[[dict], None], label: str = "mutate") -> Fault:
@@ -300,6 +307,8 @@ class FaultProxy:
             page = b"<html><body><h1>502 Bad Gateway</h1>upstream hiccup</body></html>"
             await self._respond(writer, 200, [("content-type", "text/html")], page)
             return
+        if fault.kind == "slow":  # the server works on, even for a client that gave up
+            await asyncio.sleep(fault.seconds)
         if fault.kind == "hold":
             self.held += 1
             gate = asyncio.ensure_future(self._gate().wait())

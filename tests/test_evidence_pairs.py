@@ -16,6 +16,7 @@ import torch
 
 from head_explain.evidence import (
     FIRST,
+    TEMPLATE_WORDS,
     build_evidence,
     evidence_text,
     head_evidence,
@@ -28,6 +29,8 @@ from head_explain.pair_candidates import candidate_pairs, mark_pairs
 from head_explain.pair_scoring import (
     auc,
     build_pair_echo,
+    continues_here,
+    follows_copy,
     pair_relation,
     pair_table,
     score_pairs,
@@ -182,6 +185,21 @@ def test_template_predictors():
     assert template_predicts("induction", toks, 3, 1) == 1.0  # b followed the earlier a
     assert template_predicts("induction", toks, 4, 2) == 1.0
     assert template_predicts("content", toks, 4, 2) == 0.0
+
+
+def test_induction_template_takes_a_fuzzy_match():
+    """At "eval" an induction head reads the "()" after an earlier "exec": the strict
+    rule misses it, `continues_here` takes it because "()" comes next here too."""
+    toks = ["exec", "()", " x", "eval", "()"]
+    assert not follows_copy(toks, 3, 1) and continues_here(toks, 3, 1)
+    assert template_predicts("induction", toks, 3, 1) == 1.0
+    assert template_predicts("induction", toks, 3, 2) == 0.0  # " x" does not come next
+    assert not continues_here(toks, 4, 1)  # nothing comes after the last token
+    assert not continues_here(["a", "b"], 0, 0)  # an earlier copy only
+    assert template_predicts("duplicate_token", toks, 3, 1) == 0.0  # induction only
+    # the pair wording keeps to what is true of the pair: "()" did not follow a copy
+    assert TEMPLATE_WORDS["induction"] not in pair_relation(toks, 3, 1)
+    assert TEMPLATE_WORDS["induction"] in pair_relation(["a", "b", "a"], 2, 1)
 
 
 def test_copies_are_copies_of_a_word():

@@ -34,6 +34,7 @@ from fault_proxy import (
     echo_tops,
     hang,
     mutate,
+    slow,
     status,
     wait_until,
 )
@@ -166,6 +167,32 @@ def test_transient_fault_is_retried(fp, tmp_path, reference, fault):
     again = run(b.chat(MSG, max_tokens=4, validate=nonempty))
     assert again.cached and again.text == res.text and len(fp.posts()) == 2
     run(b.aclose())
+
+
+def test_a_timeout_stretches_the_next_wait_and_lowers_concurrency(fp, tmp_path, reference):
+    """A server slower than llm_timeout_s (it answers after 3.5 s, the timeout is 3 s):
+    with the same timeout every retry would time out too, behind the request the client
+    gave up on. The retries wait 6 s and get their answers. Two requests that timed out
+    together double the timeout once, and halve the concurrency once."""
+    b = make_backend(fp, tmp_path, retries=2, timeout=3.0)
+    fp.plan(then=slow(3.5))
+    other = [{"role": "user", "content": "Say hello."}]
+
+    async def both():
+        return await asyncio.gather(
+            b.chat(MSG, max_tokens=4, validate=nonempty),
+            b.chat(other, max_tokens=4, validate=nonempty),
+        )
+
+    first, second = run(both())
+    assert first.text == reference and second.text.strip()
+    assert (b.stats.timeouts, b.stats.retries, b.stats.failures) == (2, 2, 0)
+    assert b.timeout_s == 3.0 and b.timeout_now == 6.0  # stretched once, not twice
+    (limit,) = b._limits.values()
+    assert limit.lowest == 2  # llm_concurrency 4, halved once
+    posts = fp.posts("/chat/completions")
+    assert len(posts) == 4 and all(p.outcome == "answered" for p in posts)  # the server
+    run(b.aclose())  # answered all four, the two abandoned ones too (as llama.cpp does)
 
 
 # --- persistent faults: bounded, then one error ------------------------------------------

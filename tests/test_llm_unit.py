@@ -77,6 +77,8 @@ class Script:
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         self.calls.append(request)
         status, headers, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(body, Exception):  # a transport fault, e.g. httpx2.ReadTimeout
+            raise body
         if isinstance(body, dict):
             body = json.dumps(body).encode()
         return httpx2.Response(status, headers=headers, content=body)
@@ -292,6 +294,21 @@ def test_max_cost_stops_before_the_request_that_would_exceed_it(monkeypatch, tmp
         asyncio.run(b.chat([{"role": "user", "content": "other"}], max_tokens=5))
     assert len(s.calls) == 1 and b.cost_limited  # refused unsent
     assert chat(b).cached  # what was paid for stays usable
+
+
+def test_a_timeout_doubles_the_next_wait_up_to_8x():
+    """Each request that times out doubles what the next one waits, up to 8 x
+    llm_timeout_s, and halves the concurrency; the timeouts are counted."""
+    timeout = (0, {}, httpx2.ReadTimeout("the server is still busy"))
+    s = Script(*[timeout] * 5, (200, JSON, chat_body()))
+    b = backend(s, retries=5)
+    b._concurrency = 8
+    b.timeout_s = b.timeout_now = 10.0
+    assert chat(b).text == "hello"
+    assert [r.extensions["timeout"]["read"] for r in s.calls] == [10, 20, 40, 80, 80, 80]
+    assert (b.stats.timeouts, b.stats.retries, b.stats.failures) == (5, 5, 0)
+    (limit,) = b._limits.values()
+    assert limit.lowest == 4  # halved once: a cut per cool-down, and these came within 1 s
 
 
 def test_429_lowers_concurrency_and_is_counted(monkeypatch):

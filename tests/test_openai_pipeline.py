@@ -35,9 +35,9 @@ def _cfg(outdir, url, tmp_path, method):
             max_failed_fraction=0.5,
             # llama-cpp-python builds echo log-probs in Python (it sorts the whole
             # vocabulary at every prompt token): 20-60 s a simulation prompt on 2 slow
-            # cores. At the default 60 s a request timed out and was retried while the
-            # server still computed it, the backlog grew, and the next test's server
-            # check timed out too (a fresh-clone run: 1130 s, then both variants failed).
+            # cores. At the default 60 s the first two requests time out (the backend
+            # then doubles the timeout: 554 s and passed; before it did, 24 timeouts,
+            # 1130 s and both variants failed); 600 s spares those two lost tries.
             llm_timeout_s=600.0,
         )
     )  # fmt: skip

@@ -151,15 +151,19 @@ class Config:
     )
     llm_concurrency: int = _f(
         16,
-        "LLM requests in flight at most (halved on a 429, regrown while none come); the "
-        "embedded backend computes one at a time whatever this is.",
+        "LLM requests in flight at most (halved on a 429 or a timeout, regrown while none "
+        "come); the embedded backend computes one at a time whatever this is.",
     )
     excerpts_per_request: int = _f(
         1,
         "Scoring excerpts of one head simulated in one request (their tokens numbered on, "
         "or one echo prompt with a sequence each): fewer, longer requests. 1: one each.",
     )
-    llm_timeout_s: float = _f(60.0, "Timeout of one LLM request, seconds.")
+    llm_timeout_s: float = _f(
+        60.0,
+        "Timeout of one LLM request, seconds; a request that times out doubles it for the "
+        "requests after it (up to 8x).",
+    )
     llm_max_retries: int = _f(4, "Retries of one LLM request on 429/5xx/timeouts.")
     llm_cache: str = _f(
         "",

@@ -15,7 +15,8 @@ marked pair of an excerpt in one request and scores ROC-AUC against each negativ
 Prompt pairs_v2 words each pair by its relation ("the previous token", "an earlier copy
 of the current token", ...), pairs_v1 by its offset only.
 Baselines: another head's explanation (shuffled) and the template predictor (1 iff the
-pair fits `pair_template`), with its one-sentence wording.
+pair fits `pair_template`; induction also takes fuzzy matches, `continues_here`), with
+its one-sentence wording.
 What the explainer added: where the explanation starts with the measured clause (the
 embedded model completes it), the clause alone is judged too (`clause_auc_*`), and
 `added_* = pair_auc - clause_auc` is what the model's part changed.
@@ -43,7 +44,8 @@ TEMPLATE_SENTENCES = {
     "previous_token": "attends from each token to the previous token.",
     "self": "attends from each token to the token itself.",
     "duplicate_token": "attends from a token to an earlier copy of the same token.",
-    "induction": "attends from a token to the token that followed an earlier copy of it.",
+    "induction": "attends from a token to the token that followed an earlier copy of it, "
+    "or to an earlier copy of the token that comes next.",
 }
 
 
@@ -58,8 +60,24 @@ def template_predicts(template: str, tokens: list[str], dest: int, src: int) -> 
     if template == "duplicate_token":
         return float(src < dest and word_key(tokens[src]) == word_key(tokens[dest]))
     if template == "induction":
-        return float(1 <= src < dest and word_key(tokens[src - 1]) == word_key(tokens[dest]))
+        return float(follows_copy(tokens, dest, src) or continues_here(tokens, dest, src))
     return 0.0
+
+
+def follows_copy(tokens: list[str], dest: int, src: int) -> bool:
+    """Strict induction (Olsson et al.): the source followed an earlier copy of dest."""
+    return 1 <= src < dest and word_key(tokens[src - 1]) == word_key(tokens[dest])
+
+
+def continues_here(tokens: list[str], dest: int, src: int) -> bool:
+    """Fuzzy induction: the source is an earlier copy of the token that comes next.
+
+    On natural text an induction head often matches the context before dest loosely
+    (at "eval" it reads the "()" after an earlier "exec") and reads where that context
+    went on; what it reads is then the next token here. With this, the template's easy
+    pair-AUC on the bundled model's 9 induction heads is 0.911, against 0.876 for the
+    strict rule alone (`benchmarks/bench_quality.py`, template check)."""
+    return src < dest < len(tokens) - 1 and word_key(tokens[src]) == word_key(tokens[dest + 1])
 
 
 def pair_relation(tokens: list[str], dest: int, src: int) -> str:
@@ -69,9 +87,10 @@ def pair_relation(tokens: list[str], dest: int, src: int) -> str:
     back = dest - src
     rel = [{0: TEMPLATE_WORDS["self"], 1: TEMPLATE_WORDS["previous_token"]}.get(back)
            or f"{back} tokens back"]  # fmt: skip
-    for template in ("duplicate_token", "induction"):  # the templates' own tests
-        if template_predicts(template, tokens, dest, src):
-            rel.append(TEMPLATE_WORDS[template])
+    if template_predicts("duplicate_token", tokens, dest, src):  # the templates' own tests
+        rel.append(TEMPLATE_WORDS["duplicate_token"])
+    if follows_copy(tokens, dest, src):  # the words say "followed", not "comes next"
+        rel.append(TEMPLATE_WORDS["induction"])
     return "; ".join(rel)
 
 

@@ -63,6 +63,11 @@ class CachedFetcher(CallRecorder):
         """Whether `exc` says "too many requests" (it lowers the concurrency)."""
         return False
 
+    def is_timeout(self, exc: BaseException) -> bool:
+        """Whether `exc` is a request that timed out: the endpoint is busy, so it lowers
+        the concurrency too (a remote backend also waits longer next time)."""
+        return False
+
     def retry_after(self, exc: BaseException) -> float | None:
         """Seconds the server asked us to wait before the next try, if it said."""
         return None
@@ -213,6 +218,9 @@ class CachedFetcher(CallRecorder):
                 if self.is_throttle(exc):
                     self.stats.throttled += 1
                     lim.throttled()
+                elif self.is_timeout(exc):
+                    self.stats.timeouts += 1
+                    lim.throttled("does not answer in time")
                 raise
             finally:
                 self._reserved -= est_usd

@@ -6,6 +6,7 @@ Retry-After is honoured with jitter, a truncated or non-JSON body (a proxy hiccu
 retried like a 5xx, and transport faults and unusable replies share one budget: a call
 costs at most `max_retries + 1` requests. This module only says which errors are
 transient (`is_retryable`) and how long the server asked us to wait (`retry_after_s`).
+A request that times out doubles the timeout of the requests after it (`_timed`).
 The API key is passed to the client and nowhere else: every message we raise or log
 goes through `redact`.
 """
@@ -57,6 +58,8 @@ from head_explain.llm.results import ChatOptions, ChatResult, ScoreResult
 
 log = logging.getLogger(__name__)
 
+TIMEOUT_STRETCH_MAX = 8  # a timeout doubles the next requests' timeout, up to 8 x llm_timeout_s
+
 # Re-exported: callers and tests import these from here (their homes: openai_urls.py,
 # openai_parse.py, policy.py).
 __all__ = [
@@ -97,6 +100,7 @@ class OpenAIBackend(EchoProbing):
         install_log_filter()
         self._schema_formats = list(schema_formats(self.base_url))  # see _chat
         self.timeout_s = float(timeout_s)
+        self.timeout_now = self.timeout_s  # what the next request waits (see _timed)
         self.max_retries = int(max_retries)
         self._http_client = http_client  # tests inject transports here
         self._sync_http_client = sync_http_client
@@ -122,6 +126,33 @@ class OpenAIBackend(EchoProbing):
 
     def is_throttle(self, exc: BaseException) -> bool:
         return getattr(exc, "status_code", None) == 429
+
+    def is_timeout(self, exc: BaseException) -> bool:
+        import openai
+
+        return isinstance(exc, openai.APITimeoutError)  # the client wraps transport timeouts
+
+    async def _timed(self, create: Any, **request: Any) -> Any:
+        """`await create(**request)` under the current timeout. A request that times out
+        doubles it for the requests after it, up to TIMEOUT_STRETCH_MAX x llm_timeout_s.
+
+        Why: a local server keeps computing a request its client gave up on. A retry with
+        the same timeout queues behind it and times out too; llama-cpp-python's echo
+        (20-60 s a prompt on 2 slow cores) built such a backlog at the default 60 s that
+        a whole simulate stage failed. Requests that timed out together (sent with the
+        same timeout) stretch it once.
+        """
+        sent = self.timeout_now
+        try:
+            return await create(timeout=sent, **request)
+        except Exception as exc:
+            cap = self.timeout_s * TIMEOUT_STRETCH_MAX
+            if self.is_timeout(exc) and sent >= self.timeout_now and sent < cap:
+                self.timeout_now = min(cap, 2 * sent)
+                log.warning("%s: a request timed out after %.0fs; the next wait up to %.0fs "
+                            "(llm_timeout_s %g)", self.shown_url, sent, self.timeout_now,
+                            self.timeout_s)  # fmt: skip
+            raise
 
     def retry_after(self, exc: BaseException) -> float | None:
         return retry_after_s(exc)
@@ -161,9 +192,9 @@ class OpenAIBackend(EchoProbing):
             fmt = self._schema_formats[0] if json_schema and self._schema_formats else None
             extra = {"response_format": response_format(fmt, json_schema)} if fmt else {}
             try:
-                resp = await self.client().chat.completions.create(
-                    model=self.model, messages=messages, max_tokens=opts.max_tokens,
-                    temperature=opts.temperature, **kwargs, **extra,
+                resp = await self._timed(
+                    self.client().chat.completions.create, model=self.model, messages=messages,
+                    max_tokens=opts.max_tokens, temperature=opts.temperature, **kwargs, **extra,
                 )  # fmt: skip
                 break
             except Exception as exc:
@@ -202,9 +233,9 @@ class OpenAIBackend(EchoProbing):
         if not self._echo:
             raise self._no_echo(self._echo_why)
         t0 = time.perf_counter()
-        resp = await self.client().completions.create(
-            model=self.model, prompt=prompt, echo=True, logprobs=ECHO_LOGPROBS,
-            max_tokens=1, temperature=0,
+        resp = await self._timed(
+            self.client().completions.create, model=self.model, prompt=prompt, echo=True,
+            logprobs=ECHO_LOGPROBS, max_tokens=1, temperature=0,
         )  # fmt: skip
         raw = as_dict(resp)
         if not raw.get("choices"):

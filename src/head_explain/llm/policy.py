@@ -10,9 +10,9 @@ once (`UNUSABLE_RETRIES`), and that retry asks with a changed temperature and se
 unchanged pays for a known answer. The echo probe (sync) uses the same policy.
 
 Concurrency (`AdaptiveLimit`): AIMD, as TCP does. Up to `llm_concurrency` requests are
-in flight; a 429 halves the limit (at most once per cool-down, since one overload
-answers many requests at once); every success adds 1/limit, so the limit grows by one
-per round of successes back to `llm_concurrency`.
+in flight; a 429 or a timed-out request halves the limit (at most once per cool-down,
+since one overload answers many requests at once); every success adds 1/limit, so the
+limit grows by one per round of successes back to `llm_concurrency`.
 """
 
 from __future__ import annotations
@@ -119,14 +119,14 @@ class AdaptiveLimit:
             self.active -= 1
             self._cond.notify_all()
 
-    def throttled(self) -> None:
+    def throttled(self, why: str = "throttles (429)") -> None:
         now = time.monotonic()
         if now - self._last_cut < CUT_COOLDOWN_S:
             return
         self._last_cut = now
         self.limit = max(1.0, self.limit / 2)
         self.lowest = min(self.lowest, int(self.limit))
-        log.info("LLM endpoint throttles (429): concurrency now %d", int(self.limit))
+        log.info("LLM endpoint %s: concurrency now %d", why, int(self.limit))
 
     def succeeded(self) -> None:
         """Call while holding a slot: the release that follows wakes the waiters."""

@@ -85,6 +85,7 @@ class LLMStats:
     retries: int = 0  # extra attempts (after a transient error or an unusable reply)
     unusable_retries: int = 0  # of those, retries of an unusable reply (varied request)
     throttled: int = 0  # 429 answers (each halves the concurrency, see policy.py)
+    timeouts: int = 0  # requests that timed out (so do they, and they stretch the timeout)
     failures: int = 0  # requests that finally failed
     prompt_tokens: int = 0
     completion_tokens: int = 0
