@@ -76,7 +76,8 @@ def continues_here(tokens: list[str], dest: int, src: int) -> bool:
     (at "eval" it reads the "()" after an earlier "exec") and reads where that context
     went on; what it reads is then the next token here. With this, the template's easy
     pair-AUC on the bundled model's 9 induction heads is 0.911, against 0.876 for the
-    strict rule alone (`benchmarks/bench_quality.py`, template check)."""
+    strict rule alone, on the demo's windows; +0.028 on two window samples it was not
+    chosen on (`benchmarks/bench_quality.py --seed N`, template check)."""
     return src < dest < len(tokens) - 1 and word_key(tokens[src]) == word_key(tokens[dest + 1])
 
 
