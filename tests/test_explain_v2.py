@@ -11,6 +11,8 @@ import pytest
 
 from head_explain.errors import ConfigError
 from head_explain.explain import (
+    CLAUSE_MIN_SHARE,
+    CLAUSES,
     COMPLETION_STOP,
     build_messages,
     cut_completion,
@@ -74,8 +76,18 @@ def test_template_clauses():
     assert "3 positions back" in template_clause(
         EVIDENCE | {"head_class": "fixed_offset", "top_offset": 3}
     )
-    content = template_clause(EVIDENCE | {"head_class": "content"})
+    # a content or sink head whose top events mostly (>= CLAUSE_MIN_SHARE) read one
+    # template's source gets that template's clause; the class's own clause otherwise
+    assert template_clause(EVIDENCE | {"head_class": "content"}) == CLAUSES["previous_token"]
+    sink = EVIDENCE | {"head_class": "bos_sink", "share_offset_1": 0.1, "share_induction": 0.8}
+    assert template_clause(sink) == CLAUSES["induction"]
+    spread = {"share_offset_1": CLAUSE_MIN_SHARE - 0.01, "share_offset_0": 0.2,
+              "share_induction": 0.0}  # fmt: skip
+    assert template_clause(sink | spread) == CLAUSES["bos_sink"]
+    content = template_clause(EVIDENCE | spread | {"head_class": "content"})
     assert content == 'This head attends from tokens like "(" and "x" to tokens like "def" and "x"'
+    # a class with its own template keeps it, whatever the shares
+    assert template_clause(EVIDENCE | {"head_class": "self"}) == CLAUSES["self"]
 
 
 def test_repairs_only_for_the_embedded_model():

@@ -127,14 +127,19 @@ def _show(tok: str) -> str:
 
 def pair_template(head_class: str, row: dict) -> str:
     """The template whose pairs are the head's hard negatives."""
-    if head_class in PAIR_TEMPLATES:
-        return head_class
+    return head_class if head_class in PAIR_TEMPLATES else commonest_template(row)[0]
+
+
+def commonest_template(row: dict) -> tuple[str, float]:
+    """The template whose source is the main source of most of the head's top events,
+    and that share (previous token, the token itself, an earlier copy, after a copy)."""
     shares = {
         "previous_token": row["share_offset_1"], "self": row["share_offset_0"],
         "duplicate_token": row["share_dup"], "induction": row["share_induction"],
     }  # fmt: skip
-    shares = {k: (0.0 if pd.isna(v) else v) for k, v in shares.items()}
-    return max(shares, key=lambda k: shares[k])
+    shares = {k: (0.0 if pd.isna(v) else float(v)) for k, v in shares.items()}
+    best = max(shares, key=lambda k: shares[k])
+    return best, shares[best]
 
 
 def unigram_shares(windows: pd.DataFrame) -> dict[int, float]:

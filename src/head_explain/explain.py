@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from head_explain.evidence import commonest_template
 from head_explain.heads import head_name
 from head_explain.llm.base import label_calls
 from head_explain.prompts import PromptTemplate
@@ -94,11 +95,23 @@ CLAUSES = {
 WHEN = ", most strongly when"
 
 
+# A content or BOS-sink head whose top events mostly read one template's source gets that
+# template's clause. Its class says where its attention mass goes (a sink parks what it
+# does not use); the clause starts a sentence about when it writes most strongly, which
+# its top events measure. On the demo L4H2 and L6H4 (content: 0.07 and 0.18 mean
+# attention on the previous token in natural text) read it in 97% and 92% of them.
+CLAUSE_MIN_SHARE = 0.75
+
+
 def template_clause(ev: dict | None) -> str:
     """The measured start of an embedded explanation, from the head's class/evidence."""
     if ev is None:
         return PREFILL
     cls = ev["head_class"]
+    if cls in ("content", "bos_sink") and "share_offset_1" in ev:
+        template, share = commonest_template(ev)
+        if share >= CLAUSE_MIN_SHARE:
+            return CLAUSES[template]
     if cls in CLAUSES:
         return CLAUSES[cls]
     if cls == "fixed_offset":
