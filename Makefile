@@ -15,11 +15,6 @@ export DO_NOT_TRACK ?= 1
 # `dvc exp show` in 140 columns: changed columns only, headline metrics only.
 EXP_SHOW := dvc exp show --only-changed --drop 'Created|State|Executor|analysed|explained|failed|paired|pairs_|requests|tokens|tmpl_|shuf_|clause_|added_hard|auc_hard|lift_hard|above|src/|stages/|outputs/'
 
-# Test workers (pytest-xdist): a whole test file runs in one worker. Most of the suite
-# keeps one core busy at a time (llama.cpp's Python side, DVC and MLflow subprocesses,
-# Chromium), so two workers on two cores shorten it; 0 runs it in this process.
-TEST_WORKERS ?= 2
-
 .PHONY: demo test lint format bench clean gemma
 
 $(BIN)/python:
@@ -60,7 +55,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check --quiet src stages tests benchmarks tools
 	$(BIN)/ruff check --quiet src stages tests benchmarks tools
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check src stages tests benchmarks tools

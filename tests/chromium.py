@@ -38,7 +38,7 @@ def ensure_chromium() -> tuple[str | None, str]:
         return found, ""
     if not shutil.which("apt-get") or os.geteuid() != 0:
         return None, "chromium is not installed and apt-get is unavailable (needs root)"
-    # test workers (pytest -n 2) may get here together; dpkg takes one apt-get at a time
+    # two test runs on one machine may get here together; dpkg takes one apt-get at a time
     with open(Path(tempfile.gettempdir()) / "head-explain-chromium.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = find_chromium()  # another worker installed it while this one waited

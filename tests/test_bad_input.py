@@ -166,6 +166,21 @@ def test_bad_value_or_flag(cli, args, fragments):
     assert_user_error(cli(*args), *fragments)
 
 
+def test_a_head_not_in_the_model_on_a_fresh_machine_converts_nothing(tmp_path):
+    """Checking --heads needs the model's shape. Before its first conversion that comes
+    from the GGUF's metadata: the one error line, no progress bars before it, and nothing
+    written to the (empty) model cache."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    argv = ["--params", str(PARAMS), "--outdir", str(tmp_path / "out"), "--llm-cache", "off",
+            "--model", BUNDLED, "--heads", "L99H0"]  # fmt: skip
+    proc = subprocess.run([*_command(), *argv], cwd=tmp_path, capture_output=True, text=True,
+                          env=_env(HEAD_EXPLAIN_CACHE=str(cache)), timeout=300)  # fmt: skip
+    run = Run(proc.returncode, proc.stdout, proc.stderr)
+    assert_user_error(run, "key 'heads': L99H0 does not exist", "layers 0-29", "heads 0-8")
+    assert list(tmp_path.iterdir()) == [cache] and not any(cache.iterdir())
+
+
 def test_misspelled_flag_from_the_console_script(cli):
     run = cli("--topkk", "3", in_subprocess=True)
     assert_user_error(run, "unrecognized arguments: --topkk", "(did you mean --topk?)")

@@ -148,12 +148,26 @@ def _assemble(pkg, model: BundledModel, target: Path) -> Path:
 
 def hf_dir(name: str) -> Path:
     """A folder with the bundled model `name` as plain HF safetensors + tokenizer, made once."""
-    model = MODELS[name]
-    target = cache_root() / "models" / f"{name}-{model.version_key()}"
+    target = _hf_target(name)
     if _converted(target):
         return target
     with _made_by_one(target):
-        return target if _converted(target) else _convert(name, model, target)
+        return target if _converted(target) else _convert(name, MODELS[name], target)
+
+
+def config_source(name: str) -> tuple[str, dict[str, str]]:
+    """Where transformers reads the model's config (folder, keyword arguments): the
+    converted folder, or before the first conversion the GGUF's metadata, so checking
+    a setting converts nothing and prints no progress bar before its one-line error."""
+    target = _hf_target(name)
+    if _converted(target):
+        return str(target), {}
+    gguf = MODELS[name].gguf()
+    return str(gguf.parent), {"gguf_file": gguf.name}
+
+
+def _hf_target(name: str) -> Path:
+    return cache_root() / "models" / f"{name}-{MODELS[name].version_key()}"
 
 
 def _converted(target: Path) -> bool:

@@ -12,7 +12,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from head_explain.bundled_models import MODELS, hf_dir
+from head_explain.bundled_models import MODELS, config_source, hf_dir
 from head_explain.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,10 @@ def _model_config(name: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve_source(name))
+        if name in MODELS:
+            folder, kwargs = config_source(name)
+            return AutoConfig.from_pretrained(folder, **kwargs)
+        return AutoConfig.from_pretrained(name)
     except ConfigError:
         raise
     except Exception as exc:
