@@ -17,14 +17,12 @@ and none deletes a folder another is loading.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,19 +99,14 @@ MODELS = {
 }
 
 
-@contextlib.contextmanager
-def _made_by_one(target: Path) -> Iterator[None]:
-    """Hold `target`'s lock (an fcntl lock on a file beside it, which the kernel drops
-    when the process dies): one process makes `target`, the others wait, then find it."""
-    import fcntl
+def _made_by_one(target: Path):
+    """`target`'s lock, a file beside it (filelock, as `tracking_store.store_lock`; the
+    kernel drops it when its process dies): one process makes `target`, the others
+    wait, then find it."""
+    from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(target.name + ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(str(target) + ".lock")
 
 
 def _assembled(model: BundledModel) -> Path:
